@@ -1,0 +1,245 @@
+"""Memory-mapped reader: O(1) random access to any sample of one or many dataset directories.
+
+Opening reads each `manifest.json` and each shard's 48-byte header (no full scans), and checks
+file sizes and header counts against the manifest: 1,000 shards open in well under a second.
+Shards are mapped lazily on first access; token arrays are zero-copy views into the mapping, so
+RSS grows only with the pages actually touched (the kernel may drop them again), never with the
+dataset size. Pickling drops the mappings; they are re-opened lazily in the new process, and also
+after a fork (checked via the pid), which makes datasets safe in DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, HEADER, MANIFEST_FORMAT,
+                           MANIFEST_NAME, IndexHeader, index_array_offsets, index_nbytes,
+                           unpack_header)
+
+
+class IncompleteDatasetError(FileNotFoundError):
+    """The directory has no manifest: its write never finished (killed, or still running)."""
+
+
+class CorruptShardError(ValueError):
+    """A shard's bytes disagree with its header, index or manifest."""
+
+
+class Sample(NamedTuple):
+    input_ids: np.ndarray  # token ids in the shard's dtype (zero-copy view; cast before torch)
+    loss_mask: np.ndarray  # bool, True where the token is trained
+    doc_lens: np.ndarray   # int32 lengths of the document segments, summing to len(input_ids)
+
+
+@dataclass
+class _ShardFiles:
+    """One shard: paths, the manifest's claims, and (lazily) its mapped arrays."""
+
+    bin_path: Path
+    idx_path: Path
+    entry: dict
+    dtype: np.dtype
+    header: IndexHeader | None = None
+    arrays: dict | None = field(default=None, repr=False)
+    pid: int = -1
+
+    def open(self) -> dict:
+        """Map both files (once per process) and return the index arrays plus `tokens`."""
+        if self.arrays is not None and self.pid == os.getpid():
+            return self.arrays
+        h = self.header
+        idx_mm = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
+        arrays = {name: np.frombuffer(idx_mm, dtype=dt, count=count, offset=off)
+                  for name, (off, count, dt) in index_array_offsets(h).items()}
+        arrays["loss_spans"] = arrays["loss_spans"].reshape(-1, 2)
+        if h.num_tokens:
+            bin_mm = np.memmap(self.bin_path, dtype=np.uint8, mode="r")
+            arrays["tokens"] = np.frombuffer(bin_mm, dtype=self.dtype.newbyteorder("<"),
+                                             count=h.num_tokens)
+        else:
+            arrays["tokens"] = np.zeros(0, dtype=self.dtype)
+        self.arrays, self.pid = arrays, os.getpid()
+        return arrays
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["arrays"], state["pid"] = None, -1
+        return state
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such dataset directory")
+    if not path.exists():
+        leftovers = sorted(p.name for p in directory.iterdir())[:5]
+        raise IncompleteDatasetError(
+            f"{directory}: incomplete dataset, no {MANIFEST_NAME} (the write was interrupted or is "
+            f"still running; found {leftovers}). Re-run the encoder with --overwrite.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptShardError(f"{path}: not valid JSON ({e}); re-encode the dataset") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptShardError(f"{path}: not a shardfmt manifest (missing format="
+                                f"{MANIFEST_FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptShardError(f"{path}: format_version {manifest.get('format_version')} is not "
+                                f"{FORMAT_VERSION}; upgrade shardfmt or re-encode")
+    return manifest
+
+
+def _check_shard(shard: _ShardFiles) -> None:
+    """Sizes and header counts against the manifest: a few syscalls, no data read."""
+    e = shard.entry
+    for kind, path in (("bin", shard.bin_path), ("idx", shard.idx_path)):
+        if not path.exists():
+            raise CorruptShardError(f"{path}: missing shard file listed in the manifest")
+        size, want = path.stat().st_size, e["files"][kind]["bytes"]
+        if size != want:
+            raise CorruptShardError(f"{path}: {size} bytes, the manifest says {want} (truncated "
+                                    f"or replaced); run `python -m shardfmt verify` and re-encode")
+    with open(shard.idx_path, "rb") as f:
+        h = unpack_header(f.read(HEADER.size), path=str(shard.idx_path))
+    if h.dtype != shard.dtype.name:
+        raise CorruptShardError(f"{shard.idx_path}: header dtype {h.dtype}, manifest says "
+                                f"{shard.dtype.name}")
+    claims = {"samples": h.num_samples, "docs": h.num_docs, "loss_spans": h.num_spans,
+              "tokens": h.num_tokens}
+    for key, value in claims.items():
+        if e.get(key) != value:
+            raise CorruptShardError(f"{shard.idx_path}: header has {key}={value}, the manifest "
+                                    f"says {e.get(key)} (files swapped or corrupt)")
+    if index_nbytes(h.num_samples, h.num_docs, h.num_spans) != e["files"]["idx"]["bytes"]:
+        raise CorruptShardError(f"{shard.idx_path}: size does not match the header's counts")
+    if h.num_tokens * shard.dtype.itemsize != e["files"]["bin"]["bytes"]:
+        raise CorruptShardError(f"{shard.bin_path}: size does not match the header's "
+                                f"{h.num_tokens} tokens of {shard.dtype.name}")
+    shard.header = h
+
+
+class Dataset:
+    """Samples of one or more dataset directories, concatenated in the order given."""
+
+    def __init__(self, directories: Sequence[Path]):
+        self.directories = [Path(d) for d in directories]
+        self.manifests: list[dict] = []
+        self._shards: list[_ShardFiles] = []
+        for d in self.directories:
+            manifest = _read_manifest(d)
+            self.manifests.append(manifest)
+            dtype = np.dtype(manifest["dtype"])
+            for entry in manifest["shards"]:
+                # "dir" (optional) is relative to the dataset directory: merged datasets point
+                # at their parts' shards instead of copying tokens.
+                base = (d / entry["dir"]) if entry.get("dir") else d
+                shard = _ShardFiles(base / entry["files"]["bin"]["name"],
+                                    base / entry["files"]["idx"]["name"], entry, dtype)
+                _check_shard(shard)
+                self._shards.append(shard)
+        counts = [s.header.num_samples for s in self._shards]
+        # starts[k] = global index of shard k's first sample; starts[-1] = total
+        self._starts = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+
+    # -- summary -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.header.num_tokens for s in self._shards)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The widest token dtype among the directories."""
+        return np.result_type(*[np.dtype(m["dtype"]) for m in self.manifests])
+
+    @property
+    def max_token_id(self) -> int:
+        return max((s.entry.get("max_token_id", -1) for s in self._shards), default=-1)
+
+    @property
+    def manifest(self) -> dict:
+        return self.manifests[0]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def shards(self) -> list[_ShardFiles]:
+        return list(self._shards)
+
+    def sample_lengths(self) -> np.ndarray:
+        """Every sample's token count (int64), from the offsets only."""
+        parts = [np.diff(s.open()["sample_token_offsets"]) for s in self._shards]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    # -- access --------------------------------------------------------------------------------
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global index -> (shard number, index inside that shard)."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return k, i - int(self._starts[k])
+
+    def __getitem__(self, i: int) -> Sample:
+        k, j = self.locate(int(i))
+        shard = self._shards[k]
+        a = shard.open()
+        t0, t1 = a["sample_token_offsets"][j:j + 2].tolist()
+        d0, d1 = a["sample_doc_offsets"][j:j + 2].tolist()
+        s0, s1 = a["sample_span_offsets"][j:j + 2].tolist()
+        h = shard.header
+        if not (0 <= t0 <= t1 <= h.num_tokens and 0 <= d0 <= d1 <= h.num_docs
+                and 0 <= s0 <= s1 <= h.num_spans):
+            raise CorruptShardError(f"{shard.idx_path}: sample {j} has offsets outside the file "
+                                    f"(tokens {t0}:{t1}, docs {d0}:{d1}, spans {s0}:{s1})")
+        n = t1 - t0
+        doc_lens = a["doc_lens"][d0:d1]
+        mask = np.zeros(n, dtype=bool)
+        for start, end in a["loss_spans"][s0:s1].tolist():
+            if not 0 <= start <= end <= n:
+                raise CorruptShardError(f"{shard.idx_path}: sample {j} has loss span "
+                                        f"{start}:{end} outside its {n} tokens")
+            mask[start:end] = True
+        if int(doc_lens.sum()) != n:
+            raise CorruptShardError(f"{shard.idx_path}: sample {j} document lengths sum to "
+                                    f"{int(doc_lens.sum())}, not its {n} tokens")
+        return Sample(a["tokens"][t0:t1], mask, doc_lens)
+
+    def doc_continues(self, i: int) -> np.ndarray:
+        """Per segment of sample `i`: True if it continues a document from the previous sample."""
+        k, j = self.locate(int(i))
+        a = self._shards[k].open()
+        d0, d1 = a["sample_doc_offsets"][j:j + 2].tolist()
+        return (a["doc_flags"][d0:d1] & DOC_FLAG_CONTINUES).astype(bool)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return (f"Dataset({[str(d) for d in self.directories]}, samples={len(self)}, "
+                f"shards={self.num_shards}, tokens={self.num_tokens})")
+
+
+def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
+    """Open one dataset directory or several (concatenated, in order).
+
+    >>> ds = open_dataset("out/demo")          # doctest: +SKIP
+    >>> s = ds[0]; s.input_ids, s.loss_mask, s.doc_lens
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("open_dataset: give at least one dataset directory")
+    return Dataset([Path(p) for p in paths])

@@ -1,0 +1,356 @@
+"""Streaming shard writer: samples in, `.bin/.idx` shards + `manifest.json` out.
+
+Crash safety, in the order things hit the disk:
+  1. each shard is written as `NAME.bin.tmp` / `NAME.idx.tmp`, fsynced, then renamed;
+  2. `manifest.json` is written last (tmp + fsync + rename + directory fsync).
+A reader refuses a directory without a manifest, so a killed writer never leaves data that looks
+complete. Memory is constant in corpus size: only the current shard's index (24 bytes a sample plus
+4 a document segment and 8 a loss span) and a ~4 MB token buffer are held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from array import array
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import xxhash
+
+from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, MANIFEST_FORMAT, MANIFEST_NAME,
+                           WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
+                           shard_file_names, smallest_dtype_for)
+
+ENCODE_TYPES = ("pretrain", "qa", "chat")
+_FLUSH_TOKENS = 1 << 21  # ~4 MB of uint16 per write() call
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX needs the directory itself fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class _HashingFile:
+    """A binary file opened for writing that keeps its byte count and xxh3-64 as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self._hash = xxhash.xxh3_64()
+        self.nbytes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+        self.nbytes += len(data)
+
+    def close_synced(self) -> str:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _ShardBuilder:
+    """One shard in progress: tokens stream to `.bin.tmp`; the index is kept until `finish`."""
+
+    def __init__(self, directory: Path, corpus_name: str, index: int, dtype: np.dtype):
+        self.bin_name, self.idx_name = shard_file_names(corpus_name, index)
+        self.directory = directory
+        self.dtype = dtype
+        self.bin = _HashingFile(directory / (self.bin_name + ".tmp"))
+        self.token_offsets = array("q", [0])
+        self.doc_offsets = array("q", [0])
+        self.span_offsets = array("q", [0])
+        self.doc_lens = array("i")
+        self.spans = array("i")
+        self.doc_flags = bytearray()
+        self.num_tokens = 0
+        self.loss_tokens = 0
+        self.max_token_id = -1
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.token_offsets) - 1
+
+    def add(self, ids: np.ndarray, doc_lens: Sequence[int], spans: np.ndarray, flags: bytes,
+            loss_tokens: int, max_id: int) -> None:
+        self._pending.append(ids)
+        self._pending_tokens += len(ids)
+        self.num_tokens += len(ids)
+        self.token_offsets.append(self.num_tokens)
+        self.doc_lens.extend(doc_lens)
+        self.doc_flags += flags
+        self.doc_offsets.append(len(self.doc_lens))
+        self.spans.extend(spans.tolist())
+        self.span_offsets.append(len(self.spans) // 2)
+        self.loss_tokens += loss_tokens
+        self.max_token_id = max(self.max_token_id, max_id)
+        if self._pending_tokens >= _FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.bin.write(np.concatenate(self._pending).astype(self.dtype.newbyteorder("<"),
+                                                               copy=False).tobytes())
+            self._pending, self._pending_tokens = [], 0
+
+    def finish(self) -> dict:
+        """Write the index, fsync both files, rename them into place; return the manifest entry."""
+        self._flush()
+        bin_hash = self.bin.close_synced()
+        header = IndexHeader(FORMAT_VERSION, self.dtype.name, self.num_samples, len(self.doc_lens),
+                             len(self.spans) // 2, self.num_tokens)
+        idx = _HashingFile(self.directory / (self.idx_name + ".tmp"))
+        idx.write(pack_header(header))
+        for arr, dt in ((self.token_offsets, "<i8"), (self.doc_offsets, "<i8"),
+                        (self.span_offsets, "<i8"), (self.doc_lens, "<i4"), (self.spans, "<i4")):
+            # array("q"/"i") is native-endian; astype("<i8"/"<i4") is a no-op on x86/ARM.
+            idx.write(np.frombuffer(arr, dtype=np.dtype(arr.typecode)).astype(dt, copy=False)
+                      .tobytes())
+        idx.write(bytes(self.doc_flags))
+        idx_hash = idx.close_synced()
+        os.replace(self.bin.path, self.directory / self.bin_name)
+        os.replace(idx.path, self.directory / self.idx_name)
+        return {
+            "name": self.bin_name[:-4],
+            "samples": self.num_samples,
+            "docs": len(self.doc_lens),
+            "loss_spans": len(self.spans) // 2,
+            "tokens": self.num_tokens,
+            "loss_tokens": self.loss_tokens,
+            "max_token_id": self.max_token_id,
+            "files": {
+                "bin": {"name": self.bin_name, "bytes": self.bin.nbytes, "xxh3_64": bin_hash},
+                "idx": {"name": self.idx_name, "bytes": idx.nbytes, "xxh3_64": idx_hash},
+            },
+        }
+
+    def discard(self) -> None:
+        self.bin.discard()
+        (self.directory / (self.idx_name + ".tmp")).unlink(missing_ok=True)
+
+
+def loss_spans_from_mask(mask: np.ndarray, *, offset: int = 0) -> np.ndarray:
+    """Runs of True in `mask` as (start, end) pairs, shifted by `offset`.
+
+    >>> loss_spans_from_mask(np.array([0, 1, 1, 0, 1], bool)).tolist()
+    [1, 3, 4, 5]
+    """
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return (edges + offset).astype(np.int32)
+
+
+class ShardWriter:
+    """Write one dataset directory `out_dir/corpus_name/` of token shards.
+
+    >>> with ShardWriter("out", "demo", dtype="uint16", encode_type="qa", max_length=8,
+    ...                  tokenizer_info={"len": 100}) as w:                  # doctest: +SKIP
+    ...     w.add_sample([([1, 5, 6, 2], [0, 0, 1, 1]), ([1, 7, 2], [0, 1, 1])])
+    # -> out/demo/demo_00000.bin (7 tokens), demo_00000.idx, manifest.json
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, corpus_name: str, *, dtype: str,
+                 encode_type: str, max_length: int, tokenizer_info: dict,
+                 tokens_per_file: int = 500_000_000, packing: str | dict = "none",
+                 metadata: dict | None = None, overwrite: bool = False):
+        if dtype not in WRITABLE_DTYPES:
+            raise ValueError(f"dtype={dtype!r}: choose one of {WRITABLE_DTYPES}")
+        if encode_type not in ENCODE_TYPES:
+            raise ValueError(f"encode_type={encode_type!r}: choose one of {ENCODE_TYPES}")
+        if max_length < 1 or tokens_per_file < 1:
+            raise ValueError(f"max_length ({max_length}) and tokens_per_file ({tokens_per_file}) "
+                             f"must be positive")
+        if not corpus_name or "/" in corpus_name or corpus_name.startswith("."):
+            raise ValueError(f"corpus_name={corpus_name!r} must be a plain directory name")
+        self.directory = Path(out_dir) / corpus_name
+        self.corpus_name = corpus_name
+        self.dtype = np.dtype(dtype)
+        self.max_id = dtype_max_id(dtype)
+        self.encode_type = encode_type
+        self.max_length = int(max_length)
+        self.tokens_per_file = int(tokens_per_file)
+        self.tokenizer_info = dict(tokenizer_info)
+        self.packing = packing
+        self.metadata: dict = dict(metadata or {})
+        self._prepare_directory(overwrite)
+        self._shards: list[dict] = []
+        self._current: _ShardBuilder | None = None
+        self._closed = False
+        self._started = time.time()
+
+    # -- directory handling -------------------------------------------------------------------
+    def _prepare_directory(self, overwrite: bool) -> None:
+        d = self.directory
+        if d.exists() and any(d.iterdir()):
+            ours = (d / MANIFEST_NAME).exists() or any(d.glob(f"{self.corpus_name}_*.bin*")) \
+                or any(d.glob(f"{self.corpus_name}_*.idx*"))
+            if not overwrite:
+                state = "a complete" if (d / MANIFEST_NAME).exists() else "an incomplete"
+                raise FileExistsError(f"{d} already holds {state} dataset; pass --overwrite "
+                                      f"(overwrite=True) to replace it, or choose another "
+                                      f"corpus name / output path")
+            if not ours:
+                raise FileExistsError(f"{d} is not empty and does not look like a shardfmt "
+                                      f"dataset (no manifest, no {self.corpus_name}_*.bin); "
+                                      f"refusing to delete it even with overwrite")
+            # The manifest goes first, so an interrupted overwrite leaves an incomplete dataset.
+            (d / MANIFEST_NAME).unlink(missing_ok=True)
+            fsync_dir(d)
+            for child in d.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+
+    # -- writing -------------------------------------------------------------------------------
+    def add_sample(self, docs: Sequence[tuple[Iterable[int], Iterable[Any]]], *,
+                   continues_previous: bool = False) -> None:
+        """Append one training sample made of whole documents (or document segments).
+
+        `docs` is a list of `(ids, loss_mask)` pairs. `continues_previous=True` marks the first
+        segment as the continuation of a document begun in the previous sample (pretrain chunks).
+        """
+        if self._closed:
+            raise RuntimeError(f"{self.directory}: add_sample after close()/abort()")
+        if not docs:
+            raise ValueError("add_sample: a sample needs at least one document")
+        id_parts, lens, spans, loss_tokens, offset, max_id = [], [], [], 0, 0, -1
+        for k, (ids, mask) in enumerate(docs):
+            ids_arr = np.asarray(ids)
+            mask_arr = np.asarray(mask).astype(bool, copy=False)
+            self._check_doc(k, ids_arr, mask_arr)
+            max_id = max(max_id, int(ids_arr.max()))
+            id_parts.append(ids_arr)
+            lens.append(len(ids_arr))
+            spans.append(loss_spans_from_mask(mask_arr, offset=offset))
+            loss_tokens += int(np.count_nonzero(mask_arr))
+            offset += len(ids_arr)
+        if offset > self.max_length:
+            raise ValueError(f"sample of {offset} tokens is longer than max_length="
+                             f"{self.max_length}; truncate or split it before add_sample")
+        flags = bytes([DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1))
+        ids_all = id_parts[0] if len(id_parts) == 1 else np.concatenate(id_parts)
+        self._shard_for(offset).add(ids_all, lens, np.concatenate(spans), flags, loss_tokens,
+                                    max_id)
+
+    def _check_doc(self, k: int, ids: np.ndarray, mask: np.ndarray) -> None:
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError(f"document {k}: ids must be a non-empty 1-D sequence "
+                             f"(got shape {ids.shape})")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"document {k}: ids must be integers (got dtype {ids.dtype})")
+        if mask.shape != ids.shape:
+            raise ValueError(f"document {k}: loss_mask has {mask.shape[0] if mask.ndim else 0} "
+                             f"entries for {len(ids)} ids")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0:
+            raise ValueError(f"document {k}: token id {lo} is negative; ids must be >= 0")
+        if hi > self.max_id:
+            raise ValueError(f"document {k}: token id {hi} does not fit dtype {self.dtype.name} "
+                             f"(max {self.max_id}); use --save_dtype {smallest_dtype_for(hi + 1)}"
+                             f" (or 'auto')")
+
+    def _shard_for(self, sample_tokens: int) -> _ShardBuilder:
+        cur = self._current
+        if cur is not None and cur.num_tokens > 0 and \
+                cur.num_tokens + sample_tokens > self.tokens_per_file:
+            self._shards.append(cur.finish())
+            cur = None
+        if cur is None:
+            cur = _ShardBuilder(self.directory, self.corpus_name, len(self._shards), self.dtype)
+            self._current = cur
+        return cur
+
+    # -- counts and closing --------------------------------------------------------------------
+    @property
+    def counts(self) -> dict:
+        """Totals so far: `{"samples", "docs", "tokens", "loss_tokens", "shards"}`."""
+        parts = self._shards + ([self._current_summary()] if self._current else [])
+        return {
+            "samples": sum(p["samples"] for p in parts),
+            "docs": sum(p["docs"] for p in parts),
+            "tokens": sum(p["tokens"] for p in parts),
+            "loss_tokens": sum(p["loss_tokens"] for p in parts),
+            "shards": len(parts),
+        }
+
+    def _current_summary(self) -> dict:
+        c = self._current
+        return {"samples": c.num_samples, "docs": len(c.doc_lens), "tokens": c.num_tokens,
+                "loss_tokens": c.loss_tokens}
+
+    def close(self) -> Path:
+        """Finish the last shard and write `manifest.json` (last, atomically). Returns the dir."""
+        if self._closed:
+            return self.directory
+        if self._current is not None and self._current.num_samples > 0:
+            self._shards.append(self._current.finish())
+        elif self._current is not None:
+            self._current.discard()
+        self._current = None
+        fsync_dir(self.directory)
+        write_json_atomic(self.directory / MANIFEST_NAME, self._manifest())
+        self._closed = True
+        return self.directory
+
+    def abort(self) -> None:
+        """Drop the shard in progress; no manifest is written, so readers refuse the directory."""
+        if self._current is not None:
+            self._current.discard()
+            self._current = None
+        self._closed = True
+
+    def _manifest(self) -> dict:
+        totals = self.counts
+        totals["max_token_id"] = max((s["max_token_id"] for s in self._shards), default=-1)
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "corpus_name": self.corpus_name,
+            "encode_type": self.encode_type,
+            "dtype": self.dtype.name,
+            "max_length": self.max_length,
+            "tokens_per_file": self.tokens_per_file,
+            "packing": self.packing,
+            "tokenizer": self.tokenizer_info,
+            "totals": totals,
+            "shards": self._shards,
+            "metadata": self.metadata,
+            "created_unix": round(self._started, 3),
+            "writer": {"python": sys.version.split()[0], "numpy": np.__version__},
+        }
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
