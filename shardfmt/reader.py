@@ -138,7 +138,7 @@ class Dataset:
             for entry in manifest["shards"]:
                 # "dir" (optional) is relative to the dataset directory: merged datasets point
                 # at their parts' shards instead of copying tokens.
-                base = (d / entry["dir"]) if entry.get("dir") else d
+                base = Path(os.path.normpath(d / entry["dir"])) if entry.get("dir") else d
                 shard = _ShardFiles(base / entry["files"]["bin"]["name"],
                                     base / entry["files"]["idx"]["name"], entry, dtype)
                 _check_shard(shard)

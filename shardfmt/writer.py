@@ -272,9 +272,10 @@ class ShardWriter:
         if lo < 0:
             raise ValueError(f"document {k}: token id {lo} is negative; ids must be >= 0")
         if hi > self.max_id:
+            fix = (f"use --save_dtype {smallest_dtype_for(hi + 1)} (or 'auto')"
+                   if hi <= dtype_max_id("int32") else "no token dtype holds it")
             raise ValueError(f"document {k}: token id {hi} does not fit dtype {self.dtype.name} "
-                             f"(max {self.max_id}); use --save_dtype {smallest_dtype_for(hi + 1)}"
-                             f" (or 'auto')")
+                             f"(max {self.max_id}); {fix}")
 
     def _shard_for(self, sample_tokens: int) -> _ShardBuilder:
         cur = self._current

@@ -1,0 +1,169 @@
+"""`python -m shardfmt {inspect,verify,export-megatron,merge}`: look at, check and convert datasets.
+
+    python -m shardfmt inspect out/corpus [--json] [--tokenizer PATH --show 3]
+    python -m shardfmt verify out/corpus            # exit 0 = intact, 1 = problems (listed)
+    python -m shardfmt export-megatron out/corpus megatron/corpus_text_document
+    python -m shardfmt merge part0/corpus part1/corpus all/corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shardfmt.reader import CorruptShardError, Dataset, IncompleteDatasetError, open_dataset
+
+
+def dataset_summary(ds: Dataset) -> dict:
+    """Counts, length percentiles and loss fraction of a dataset (reads offsets, not tokens)."""
+    lengths = ds.sample_lengths()
+    loss_tokens = sum(s.entry["loss_tokens"] for s in ds.shards())
+    m = ds.manifest
+    pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} if len(lengths) else {}
+    return {
+        "directories": [str(d) for d in ds.directories],
+        "encode_type": m["encode_type"],
+        "dtype": str(ds.dtype),
+        "max_length": m["max_length"],
+        "packing": m["packing"],
+        "shards": ds.num_shards,
+        "samples": len(ds),
+        "docs": sum(s.header.num_docs for s in ds.shards()),
+        "tokens": ds.num_tokens,
+        "loss_tokens": loss_tokens,
+        "loss_fraction": round(loss_tokens / max(ds.num_tokens, 1), 4),
+        "fill": round(ds.num_tokens / max(len(ds) * m["max_length"], 1), 4),
+        "max_token_id": ds.max_token_id,
+        "length": {"min": int(lengths.min()) if len(lengths) else 0, **pct,
+                   "max": int(lengths.max()) if len(lengths) else 0},
+        "tokenizer": {k: m["tokenizer"].get(k) for k in ("path", "class", "len", "bos_id",
+                                                         "eos_id", "pad_id")},
+    }
+
+
+def render_sample(ids: np.ndarray, mask: np.ndarray, doc_lens: np.ndarray, decode) -> str:
+    """Decoded text with trained spans in [[...]] and `‖` between documents."""
+    out, pos = [], 0
+    for n in doc_lens.tolist():
+        pieces, run, run_mask = [], [], None
+        for tid, m in zip(ids[pos:pos + n].tolist(), mask[pos:pos + n].tolist()):
+            if run and m != run_mask:
+                pieces.append(_mark(decode(run), run_mask))
+                run = []
+            run.append(tid)
+            run_mask = m
+        if run:
+            pieces.append(_mark(decode(run), run_mask))
+        out.append("".join(pieces))
+        pos += n
+    return " ‖ ".join(out)
+
+
+def _mark(text: str, trained: bool) -> str:
+    return f"[[{text}]]" if trained else text
+
+
+def _load_decoder(ds: Dataset, tokenizer_path: str | None):
+    candidates = [tokenizer_path] if tokenizer_path else [
+        str(ds.directories[0] / "tokenizer"), ds.manifest["tokenizer"].get("path")]
+    for path in filter(None, candidates):
+        if Path(path).exists():
+            from transformers import AutoTokenizer  # optional: only for --show
+            tok = AutoTokenizer.from_pretrained(path)
+            return lambda ids: tok.decode(ids, skip_special_tokens=False)
+    return lambda ids: "".join(f"{i} " for i in ids)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ds = open_dataset(args.dirs)
+    summary = dataset_summary(ds)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>14}: {value}")
+    if args.show:
+        decode = _load_decoder(ds, args.tokenizer)
+        for i in range(min(args.show, len(ds))):
+            s = ds[i]
+            print(f"\n--- sample {i}: {len(s.input_ids)} tokens, docs {s.doc_lens.tolist()}, "
+                  f"{int(s.loss_mask.sum())} trained ([[...]]) ---")
+            print(render_sample(s.input_ids, s.loss_mask, s.doc_lens, decode))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shardfmt.verify import verify_dataset
+    try:
+        ds = open_dataset(args.dirs)
+        problems = verify_dataset(ds)
+    except (IncompleteDatasetError, CorruptShardError, FileNotFoundError) as err:
+        problems = [str(err)]
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"OK {len(ds)} samples, {ds.num_tokens} tokens, {ds.num_shards} shards: "
+              f"checksums and index structure verified")
+    return 1 if problems else 0
+
+
+def cmd_export_megatron(args: argparse.Namespace) -> int:
+    from shardfmt.megatron import export_megatron
+    ds = open_dataset(args.dir)
+    result = export_megatron(ds, args.prefix)
+    print(f"wrote {args.prefix}.bin / {args.prefix}.idx ({result})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from shardfmt.merge import merge_datasets
+    out = merge_datasets(args.dirs[:-1], args.dirs[-1], overwrite=args.overwrite)
+    ds = open_dataset(out)
+    print(f"merged {len(args.dirs) - 1} parts into {out}: {len(ds)} samples, "
+          f"{ds.num_tokens} tokens, {ds.num_shards} shards")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shardfmt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="counts, dtype, length percentiles, decoded samples")
+    ins.add_argument("dirs", nargs="+", help="dataset directories (OUT/CORPUS)")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--tokenizer", help="tokenizer dir for --show (default: the dataset's own)")
+    ins.add_argument("--show", type=int, default=0, help="decode the first N samples")
+    ins.set_defaults(func=cmd_inspect)
+    ver = sub.add_parser("verify", help="recompute checksums and scan every index; exit 0/1")
+    ver.add_argument("dirs", nargs="+")
+    ver.set_defaults(func=cmd_verify)
+    exp = sub.add_parser("export-megatron", help="write a Megatron-LM MMIDIDX .bin/.idx pair")
+    exp.add_argument("dir")
+    exp.add_argument("prefix", help="output path prefix (PREFIX.bin, PREFIX.idx)")
+    exp.set_defaults(func=cmd_export_megatron)
+    mer = sub.add_parser("merge", help="join --part outputs into one dataset (no token copies)")
+    mer.add_argument("dirs", nargs="+", metavar="DIR", help="PART_DIR... OUT_DIR")
+    mer.add_argument("--overwrite", action="store_true")
+    mer.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "merge" and len(args.dirs) < 2:
+        print("merge: give at least one part directory and the output directory", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (IncompleteDatasetError, CorruptShardError, FileNotFoundError, FileExistsError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
