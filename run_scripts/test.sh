@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv if needed, then runs the whole suite (slow end-to-end tests too).
+#   bash run_scripts/test.sh                 # everything (what CI runs)
+#   bash run_scripts/test.sh -m "not slow"   # skip the multi-process end-to-end runs
+#   bash run_scripts/test.sh tests/shardfmt  # one package
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash run_scripts/setup_venv.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
