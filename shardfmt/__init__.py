@@ -6,11 +6,10 @@ from shardfmt.spec import FORMAT_VERSION, dtype_max_id, smallest_dtype_for
 from shardfmt.tokenizer_info import tokenizer_identity, vocab_hash
 from shardfmt.writer import ShardWriter
 
-try:  # written in parallel; present once sampler.py lands
-    from shardfmt.sampler import GlobalSampler
-except ImportError:  # pragma: no cover
-    pass
+from shardfmt.megatron import MegatronDataset, export_megatron, open_megatron
+from shardfmt.sampler import GlobalSampler, RankIterator
 
 __all__ = ["ShardWriter", "open_dataset", "Dataset", "Sample", "GlobalSampler",
+           "RankIterator", "MegatronDataset", "open_megatron", "export_megatron",
            "IncompleteDatasetError", "CorruptShardError", "tokenizer_identity", "vocab_hash",
            "dtype_max_id", "smallest_dtype_for", "FORMAT_VERSION"]

@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export_megatron(args: argparse.Namespace) -> int:
     from shardfmt.megatron import export_megatron
     ds = open_dataset(args.dir)
-    result = export_megatron(ds, args.prefix)
+    result = export_megatron(ds, args.prefix, overwrite=args.overwrite)
     print(f"wrote {args.prefix}.bin / {args.prefix}.idx ({result})")
     return 0
 
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-megatron", help="write a Megatron-LM MMIDIDX .bin/.idx pair")
     exp.add_argument("dir")
     exp.add_argument("prefix", help="output path prefix (PREFIX.bin, PREFIX.idx)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX pair")
     exp.set_defaults(func=cmd_export_megatron)
     mer = sub.add_parser("merge", help="join --part outputs into one dataset (no token copies)")
     mer.add_argument("dirs", nargs="+", metavar="DIR", help="PART_DIR... OUT_DIR")

@@ -266,8 +266,64 @@ class Dataset:
                 f"shards={self.num_shards}, tokens={self.num_tokens})")
 
 
+class MixedDataset:
+    """Shardfmt datasets and Megatron prefixes, concatenated in the order given."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self._starts = [0] + np.cumsum([len(p) for p in self.parts]).tolist()
+        self.manifests = [m for p in self.parts for m in getattr(p, "manifests", [])]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        i = operator.index(i)
+        n = self._starts[-1]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, i: int) -> Sample:
+        k, j = self.locate(i)
+        return self.parts[k][j]
+
+    def doc_continues(self, i: int) -> np.ndarray:
+        k, j = self.locate(i)
+        return self.parts[k].doc_continues(j)
+
+    def sample_lengths(self) -> np.ndarray:
+        return np.concatenate([p.sample_lengths() for p in self.parts])
+
+    @property
+    def manifest(self) -> dict | None:
+        return self.manifests[0] if self.manifests else None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.parts)
+
+    @property
+    def max_token_id(self) -> int:
+        return max(p.max_token_id for p in self.parts)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.result_type(*[p.dtype for p in self.parts])
+
+
+def _is_megatron_prefix(path: Path) -> bool:
+    return not path.is_dir() and Path(str(path) + ".idx").is_file()
+
+
 def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
     """Open one dataset directory or several (concatenated, in order).
+
+    A path that is not a directory but has `PATH.idx` beside it is read as a Megatron-LM
+    indexed dataset prefix (each sequence = one sample, all tokens trained).
 
     >>> ds = open_dataset("out/demo")          # doctest: +SKIP
     >>> s = ds[0]; s.input_ids, s.loss_mask, s.doc_lens
@@ -276,4 +332,16 @@ def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Data
         paths = [paths]
     if not paths:
         raise ValueError("open_dataset: give at least one dataset directory")
-    return Dataset([Path(p) for p in paths])
+    paths = [Path(p) for p in paths]
+    if not any(_is_megatron_prefix(p) for p in paths):
+        return Dataset(paths)
+    from shardfmt.megatron import open_megatron
+    parts: list = []
+    for p in paths:
+        if _is_megatron_prefix(p):
+            parts.append(open_megatron(p))
+        elif parts and isinstance(parts[-1], Dataset):
+            parts[-1] = Dataset(parts[-1].directories + [p])
+        else:
+            parts.append(Dataset([p]))
+    return parts[0] if len(parts) == 1 else MixedDataset(parts)

@@ -325,3 +325,25 @@ def test_inspect_incomplete_dataset_exits_nonzero(tmp_path):
     out = subprocess.run([sys.executable, "-m", "shardfmt", "inspect", str(tmp_path / "c")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and "incomplete dataset" in out.stderr
+
+
+def test_open_dataset_reads_megatron_prefix_and_mixes(tmp_path):
+    from shardfmt import export_megatron
+    ours = write(tmp_path / "ours", [[([5, 6], [0, 1])], [([7], [1])]])
+    export_megatron(open_dataset(ours), tmp_path / "mega" / "text_document")
+    mixed = open_dataset([ours, tmp_path / "mega" / "text_document"])
+    assert len(mixed) == 4
+    assert [mixed[i].input_ids.tolist() for i in range(4)] == [[5, 6], [7], [5, 6], [7]]
+    assert mixed[2].loss_mask.tolist() == [True, True]  # Megatron: every token trained
+    assert mixed.sample_lengths().tolist() == [2, 1, 2, 1]
+
+
+def test_export_megatron_cli(tmp_path, dataset):
+    prefix = tmp_path / "m" / "doc"
+    cmd = [sys.executable, "-m", "shardfmt", "export-megatron", str(dataset), str(prefix)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 1 and "overwrite" in again.stderr
+    assert subprocess.run(cmd + ["--overwrite"], cwd=REPO, capture_output=True).returncode == 0
+    assert open_dataset(prefix).num_tokens == open_dataset(dataset).num_tokens
