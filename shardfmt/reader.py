@@ -74,6 +74,10 @@ class _ShardFiles:
         arrays = {name: np.frombuffer(idx_mm, dtype=dt, count=count, offset=off)
                   for name, (off, count, dt) in index_array_offsets(h).items()}
         arrays["loss_spans"] = arrays["loss_spans"].reshape(-1, 2)
+        offsets = arrays["sample_offsets"].reshape(-1, 3)
+        arrays["sample_token_offsets"] = offsets[:, 0]  # strided views, for vectorised scans
+        arrays["sample_doc_offsets"] = offsets[:, 1]
+        arrays["sample_span_offsets"] = offsets[:, 2]
         if h.num_tokens:
             bin_mm = np.memmap(self.bin_path, dtype=np.uint8, mode="r")
             arrays["tokens"] = np.frombuffer(bin_mm, dtype=self.dtype.newbyteorder("<"),
@@ -82,14 +86,9 @@ class _ShardFiles:
             arrays["tokens"] = np.zeros(0, dtype=self.dtype)
         # memoryviews index to Python ints in ~40 ns, numpy scalars cost ~10x that: the hot path
         # of __getitem__ reads its six offsets through these.
-        for name in ("sample_token_offsets", "sample_doc_offsets", "sample_span_offsets",
-                     "doc_lens"):
-            arrays["mv_" + name] = memoryview(arrays[name])
-        arrays["mv_loss_spans"] = memoryview(arrays["loss_spans"].reshape(-1))
-        self.fast = (arrays["mv_sample_token_offsets"], arrays["mv_sample_doc_offsets"],
-                     arrays["mv_sample_span_offsets"], arrays["mv_loss_spans"],
-                     arrays["mv_doc_lens"], arrays["doc_lens"], arrays["tokens"], h.num_tokens,
-                     h.num_docs, h.num_spans)
+        self.fast = (memoryview(arrays["sample_offsets"]),
+                     memoryview(arrays["loss_spans"].reshape(-1)), memoryview(arrays["doc_lens"]),
+                     arrays["doc_lens"], arrays["tokens"], h.num_tokens, h.num_docs, h.num_spans)
         self.arrays, self.pid = arrays, os.getpid()
         return arrays
 
@@ -97,8 +96,8 @@ class _ShardFiles:
         """Sample `j` of this shard, with the cheap bounds checks that keep reads inside the file."""
         if self.pid != os.getpid():
             self.open()
-        tok, doc, spn, spans_mv, lens_mv, lens, tokens, nt, nd, ns = self.fast
-        t0, t1, d0, d1, s0, s1 = tok[j], tok[j + 1], doc[j], doc[j + 1], spn[j], spn[j + 1]
+        offsets, spans_mv, lens_mv, lens, tokens, nt, nd, ns = self.fast
+        t0, d0, s0, t1, d1, s1 = offsets[3 * j:3 * j + 6].tolist()
         if not (0 <= t0 <= t1 <= nt and 0 <= d0 <= d1 <= nd and 0 <= s0 <= s1 <= ns):
             raise CorruptShardError(f"{self.idx_path}: sample {j} has offsets outside the file "
                                     f"(tokens {t0}:{t1}, docs {d0}:{d1}, spans {s0}:{s1})")

@@ -15,9 +15,11 @@ A shard is a pair of files:
   24      8   <u8           D  document-segment count (all samples)
   32      8   <u8           L  loss-span count (all samples)
   40      8   <u8           T  token count (= elements in .bin)
-  48      8*(S+1) <i8       sample_token_offsets   sample i = bin[o[i]:o[i+1]]; o[0]=0, o[S]=T
-  ...     8*(S+1) <i8       sample_doc_offsets     sample i's segments = doc_lens[d[i]:d[i+1]]
-  ...     8*(S+1) <i8       sample_span_offsets    sample i's loss spans = spans[s[i]:s[i+1]]
+  48      24*(S+1) <i8[3]   sample_offsets         row i = (t[i], d[i], s[i]): sample i is
+                                                   bin[t[i]:t[i+1]], its segments doc_lens[d[i]:d[i+1]],
+                                                   its loss spans spans[s[i]:s[i+1]]; row 0 = (0,0,0),
+                                                   row S = (T, D, L). Interleaved so that one random
+                                                   read touches one cache line, not three.
   ...     4*D     <i4       doc_lens               token count of each document segment
   ...     8*L     <i4,<i4   loss_spans             (start, end) pairs, end exclusive, relative to the
                                                    sample's first token, sorted, non-overlapping
@@ -105,9 +107,7 @@ def index_array_offsets(h: IndexHeader) -> dict[str, tuple[int, int, str]]:
     """Byte offset, element count and numpy dtype of every array in the index."""
     s1 = h.num_samples + 1
     layout = [
-        ("sample_token_offsets", s1, "<i8"),
-        ("sample_doc_offsets", s1, "<i8"),
-        ("sample_span_offsets", s1, "<i8"),
+        ("sample_offsets", 3 * s1, "<i8"),
         ("doc_lens", h.num_docs, "<i4"),
         ("loss_spans", 2 * h.num_spans, "<i4"),
         ("doc_flags", h.num_docs, "<u1"),

@@ -84,9 +84,7 @@ class _ShardBuilder:
         self.directory = directory
         self.dtype = dtype
         self.bin = _HashingFile(directory / (self.bin_name + ".tmp"))
-        self.token_offsets = array("q", [0])
-        self.doc_offsets = array("q", [0])
-        self.span_offsets = array("q", [0])
+        self.sample_offsets = array("q", [0, 0, 0])  # (tokens, docs, spans) rows, interleaved
         self.doc_lens = array("i")
         self.spans = array("i")
         self.doc_flags = bytearray()
@@ -98,19 +96,17 @@ class _ShardBuilder:
 
     @property
     def num_samples(self) -> int:
-        return len(self.token_offsets) - 1
+        return len(self.sample_offsets) // 3 - 1
 
     def add(self, ids: np.ndarray, doc_lens: Sequence[int], spans: np.ndarray, flags: bytes,
             loss_tokens: int, max_id: int) -> None:
         self._pending.append(ids)
         self._pending_tokens += len(ids)
         self.num_tokens += len(ids)
-        self.token_offsets.append(self.num_tokens)
         self.doc_lens.extend(doc_lens)
         self.doc_flags += flags
-        self.doc_offsets.append(len(self.doc_lens))
         self.spans.extend(spans.tolist())
-        self.span_offsets.append(len(self.spans) // 2)
+        self.sample_offsets.extend((self.num_tokens, len(self.doc_lens), len(self.spans) // 2))
         self.loss_tokens += loss_tokens
         self.max_token_id = max(self.max_token_id, max_id)
         if self._pending_tokens >= _FLUSH_TOKENS:
@@ -130,8 +126,7 @@ class _ShardBuilder:
                              len(self.spans) // 2, self.num_tokens)
         idx = _HashingFile(self.directory / (self.idx_name + ".tmp"))
         idx.write(pack_header(header))
-        for arr, dt in ((self.token_offsets, "<i8"), (self.doc_offsets, "<i8"),
-                        (self.span_offsets, "<i8"), (self.doc_lens, "<i4"), (self.spans, "<i4")):
+        for arr, dt in ((self.sample_offsets, "<i8"), (self.doc_lens, "<i4"), (self.spans, "<i4")):
             # array("q"/"i") is native-endian; astype("<i8"/"<i4") is a no-op on x86/ARM.
             idx.write(np.frombuffer(arr, dtype=np.dtype(arr.typecode)).astype(dt, copy=False)
                       .tobytes())
