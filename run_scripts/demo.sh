@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The demo: template -> tokenizer -> tiny model -> encode -> train on 2 CPU ranks -> export ->
+# generate on held-out prompts. No GPU, no network, a few minutes on 2 cores.
+#   bash run_scripts/demo.sh            # full (600 steps)
+#   bash run_scripts/demo.sh --quick    # short smoke variant
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash run_scripts/setup_venv.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python run_scripts/demo.py "$@"
