@@ -1,0 +1,115 @@
+"""The `llm-encode` / `python encoder/main.py` command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from encoder.packing import DEFAULT_PACK_WINDOW
+from encoder.templates import TEMPLATE_NAMES
+from encoder.tokenizer_policy import SAVE_DTYPES
+from encoder.truncation import DEFAULT_TRUNCATION, TRUNCATION_MODES
+
+EPILOG = """\
+examples:
+  llm-encode --tokenizer_path ../shared/tokenizers/qwen3 --encode_type qa --template chat \\
+      --data_loader_path encoder/user_data_loader/alpaca.py \\
+      --data_loader_args path=../shared/data/alpaca_en_demo.json \\
+      --output_path out --corpus_name alpaca_qwen3 --max_length 2048 --merge_data
+  llm-encode ... --analyze        # length statistics only, writes nothing
+
+layout: BOS once per document iff the tokenizer adds one by itself; every answer ends with EOS (or
+the template's end-of-turn token, e.g. <|im_end|>) which is trained; prompt/system/user tokens have
+loss 0; pad is never stored. The policy is recorded in manifest.json metadata.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm-encode", description="Encode a data-loader plugin's rows into shardfmt token "
+        "shards (OUTPUT_PATH/CORPUS_NAME/).", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--tokenizer_path", required=True, help="Hugging Face tokenizer directory (loaded offline "
+      "with AutoTokenizer.from_pretrained).")
+    a("--data_loader_path", required=True, help="plugin .py file defining a generator "
+      "data_loader(**kwargs); see encoder/user_data_loader/ for examples.")
+    a("--data_loader_args", nargs="*", default=[], metavar="KEY=VALUE", help="keyword arguments "
+      "for data_loader(), values passed as strings (e.g. path=data.json).")
+    a("--corpus_name", help="dataset directory name under --output_path (required unless "
+      "--analyze).")
+    a("--encode_type", required=True, choices=("pretrain", "qa", "chat"), help="pretrain: plugin "
+      "yields str, documents are concatenated and cut into max_length samples; qa: yields "
+      "{'q','a'[,'system']}; chat: yields {'messages': [{'role','content'}, ...]}.")
+    a("--output_path", help="parent directory of the dataset (required unless --analyze).")
+    a("--max_length", type=int, required=True, help="maximum tokens per training sample.")
+    a("--template", choices=TEMPLATE_NAMES, default=None, help="prompt format for qa/chat: none "
+      "(q/a verbatim: prompt = q tokens, answer = a tokens + EOS), chat (the tokenizer's "
+      "chat_template), alpaca, chatml (needs <|im_start|>/<|im_end|> tokens), llama2. Default: "
+      "none for qa, chat for chat. Ignored for pretrain.")
+    a("--truncation", choices=TRUNCATION_MODES, default=DEFAULT_TRUNCATION, help="qa/chat samples "
+      "longer than max_length: drop (default, safest), right (cut the end; the answer may lose its "
+      "EOS), prompt_left (cut the start of the prompt, keep BOS; drop if the answers alone do not "
+      "fit). Each case is counted in the summary and stats.json.")
+    a("--merge_data", action="store_true", help="qa/chat: pack several samples into each "
+      "max_length sequence with best-fit-decreasing (deterministic). Pretrain is always "
+      "concatenated, so it ignores this flag.")
+    a("--pack_window", type=int, default=DEFAULT_PACK_WINDOW, help="--merge_data packs within "
+      f"consecutive windows of this many samples (memory bound; default {DEFAULT_PACK_WINDOW}).")
+    a("--drop_remainder", action="store_true", help="pretrain: drop the final partial sample "
+      "(shorter than max_length) instead of keeping it. Its size is reported either way.")
+    a("--save_dtype", choices=SAVE_DTYPES, default="auto", help="token dtype of the shards; auto "
+      "= smallest that holds len(tokenizer) incl. added tokens (uint16 up to 65536 tokens, else "
+      "int32). A too-small dtype fails before tokenizing.")
+    a("--tokens_per_file", type=float, default=5e8, help="tokens per shard file (default 5e8).")
+    a("--num_workers", type=int, default=1, help="tokenizer worker processes (default 1 = batched "
+      "in-process). Output is byte-identical for any value.")
+    a("--add_tokens", nargs="+", default=[], metavar="TOKEN", help="special tokens to add to the "
+      "tokenizer before encoding; the modified tokenizer is saved to the dataset's tokenizer/ "
+      "directory and the manifest lists the tokens and ids.")
+    a("--overwrite", action="store_true", help="replace an existing dataset at "
+      "OUTPUT_PATH/CORPUS_NAME (refused otherwise).")
+    a("--skip_invalid", action="store_true", help="skip wrong rows (wrong type, missing key, "
+      "empty answer) instead of stopping; the count and the first reasons are reported.")
+    a("--analyze", action="store_true", help="tokenize and print length statistics (percentiles, "
+      "over-length counts, packing fill) to help choose --max_length; writes nothing.")
+    a("--plot", action="store_true", help="also write a document-length histogram PNG "
+      "(CORPUS_NAME/lengths.png); not with --analyze.")
+    a("--part", default=None, metavar="I/N", help="encode only part I of N (0 <= I < N): the "
+      "contiguous slice of rows [I*R//N, (I+1)*R//N) of the plugin's R rows (one extra counting "
+      "pass), or, if data_loader accepts part= and num_parts=, whatever the plugin yields for "
+      "them. Merge parts with `python -m shardfmt merge`.")
+    return p
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """`"1/4"` -> `(1, 4)`.
+
+    >>> parse_part("0/2")
+    (0, 2)
+    """
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--part {text}: need 0 <= I < N")
+    return i, n
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks argparse cannot express; raises ValueError naming the flag."""
+    if not args.analyze and (not args.output_path or not args.corpus_name):
+        raise ValueError("--output_path and --corpus_name are required (unless --analyze)")
+    if args.max_length < 1:
+        raise ValueError(f"--max_length {args.max_length}: must be >= 1")
+    if args.num_workers < 1:
+        raise ValueError(f"--num_workers {args.num_workers}: must be >= 1")
+    if args.pack_window < 1:
+        raise ValueError(f"--pack_window {args.pack_window}: must be >= 1")
+    if args.tokens_per_file < args.max_length:
+        raise ValueError(f"--tokens_per_file {args.tokens_per_file:g} is smaller than --max_length "
+                         f"{args.max_length}")
+    if args.template is None:
+        args.template = "chat" if args.encode_type == "chat" else "none"

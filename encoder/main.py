@@ -1,0 +1,228 @@
+"""`llm-encode` / `python encoder/main.py` / `python -m encoder.main`: plugin rows -> token shards.
+
+>>> main(["--tokenizer_path", "../shared/tokenizers/gpt2", "--encode_type", "qa",
+...       "--data_loader_path", "encoder/user_data_loader/alpaca.py", "--output_path", "out",
+...       "--corpus_name", "demo", "--max_length", "512"])            # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Any, Iterable, Iterator  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from encoder.cli import build_parser, check_args, parse_part  # noqa: E402
+from encoder.packing import PretrainChunker, pack_windows  # noqa: E402
+from encoder.pipeline import encode_batches, reject, validated_batches  # noqa: E402
+from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # noqa: E402
+                             parse_kv_args)
+from encoder.sample_encoder import Encoded, EncoderSpec, SampleEncoder  # noqa: E402
+from encoder.stats import RunStats, plot_lengths, summary_lines, write_stats_json  # noqa: E402
+from encoder.templates import TemplateError  # noqa: E402
+from encoder.tokenizer_policy import choose_dtype, load_tokenizer  # noqa: E402
+
+Sample = tuple[list[tuple[np.ndarray, np.ndarray]], bool]  # (docs, continues_previous)
+USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError,
+               FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, encode, print a summary. Returns 0, or 2 after a one-line error."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        run(args)
+    except USER_ERRORS as e:
+        print(f"llm-encode: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: Any) -> dict:
+    """Encode according to parsed `args`; returns the stats dict."""
+    started = time.time()
+    part = parse_part(args.part)
+    plugin = load_plugin(args.data_loader_path)
+    tok = load_tokenizer(args.tokenizer_path, add_tokens=args.add_tokens)
+    added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
+    dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
+    spec = EncoderSpec(tokenizer_path=args.tokenizer_path, encode_type=args.encode_type,
+                       max_length=args.max_length, template=args.template,
+                       truncation=args.truncation, add_tokens=tuple(args.add_tokens))
+    encoder = SampleEncoder(spec, tokenizer=tok)
+    print(f"setup {time.time() - started:.1f}s: {type(tok).__name__} len {len(tok)}, dtype {dtype}, "
+          f"template {args.template if args.encode_type != 'pretrain' else '-'}", file=sys.stderr)
+    started = time.time()
+    stats = RunStats(max_length=args.max_length)
+    samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder, stats=stats)
+    if args.analyze:
+        if args.plot:
+            print("note: --plot is ignored with --analyze (nothing is written)", file=sys.stderr)
+        for segs, _ in samples:
+            stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
+        result = stats.as_dict()
+    else:
+        result = write_dataset(samples, args=args, stats=stats, dtype=dtype, encoder=encoder,
+                               added=added, part=part)
+    for line in summary_lines(result, seconds=time.time() - started):
+        print(line)
+    return result
+
+
+def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
+                  encoder: SampleEncoder, stats: RunStats) -> Iterator[Sample]:
+    """plugin rows -> validated batches -> encoded docs (in order) -> training samples."""
+    rows = iter_part(plugin, parse_kv_args(args.data_loader_args), part=part)
+    batches = validated_batches(rows, encode_type=args.encode_type, plugin_path=plugin.path,
+                                skip_invalid=args.skip_invalid, stats=stats)
+    encoded = with_progress(encode_batches(batches, spec=spec, num_workers=args.num_workers,
+                                           encoder=encoder))
+    docs = accepted_docs(encoded, stats=stats, plugin_path=plugin.path,
+                         skip_invalid=args.skip_invalid)
+    return to_samples(docs, args=args, stats=stats)
+
+
+# -- stream stages --------------------------------------------------------------------------------
+def with_progress(items: Iterable[tuple[int, Encoded]]) -> Iterator[tuple[int, Encoded]]:
+    """tqdm bar over rows with tokens/s (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit=" rows", dynamic_ncols=True, disable=None, file=sys.stderr)
+    start, tokens, pending = time.time(), 0, 0
+    try:
+        for item in items:
+            tokens += item[1].raw_len
+            pending += 1
+            if pending == 256:
+                bar.update(pending)
+                pending = 0
+                bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tok/s",
+                                    refresh=False)
+            yield item
+        bar.update(pending)
+    finally:
+        bar.close()
+
+
+def accepted_docs(encoded: Iterable[tuple[int, Encoded]], *, stats: RunStats, plugin_path: str,
+                  skip_invalid: bool) -> Iterator[Encoded]:
+    """Encoded documents that survive; counts truncated/dropped, rejects template failures."""
+    for i, enc in encoded:
+        if enc.status == "invalid":
+            reject(RowError(plugin_path, i, enc.reason), skip_invalid=skip_invalid, stats=stats)
+            continue
+        stats.doc_lengths.append(enc.raw_len)
+        if enc.status == "dropped":
+            stats.dropped += 1
+            continue
+        stats.truncated += enc.status == "truncated"
+        yield enc
+
+
+def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterator[Sample]:
+    """Documents -> training samples: pretrain chunks, packed bins, or one document each."""
+    if args.encode_type == "pretrain":
+        yield from pretrain_samples(docs, max_length=args.max_length, stats=stats,
+                                    drop_remainder=args.drop_remainder)
+    elif args.merge_data:
+        pairs = ((d.ids, d.mask) for d in docs)
+        for packed in pack_windows(pairs, capacity=args.max_length, window=args.pack_window):
+            yield packed, False
+    else:
+        for d in docs:
+            yield [(d.ids, d.mask)], False
+
+
+def pretrain_samples(docs: Iterable[Encoded], *, max_length: int, stats: RunStats,
+                     drop_remainder: bool) -> Iterator[Sample]:
+    """Concatenate documents and cut into max_length samples; every token is trained."""
+    chunker = PretrainChunker(max_length=max_length)
+
+    def with_masks(sample: tuple[list[np.ndarray], bool]) -> Sample:
+        segs, cont = sample
+        return [(s, np.ones(len(s), dtype=bool)) for s in segs], cont
+
+    for d in docs:
+        for sample in chunker.push(d.ids):
+            yield with_masks(sample)
+    rest = chunker.finish()
+    if rest is not None:
+        stats.remainder_tokens = sum(len(s) for s in rest[0])
+        stats.remainder_dropped = drop_remainder
+        if not drop_remainder:
+            yield with_masks(rest)
+
+
+# -- writing --------------------------------------------------------------------------------------
+def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtype: str,
+                  encoder: SampleEncoder, added: dict, part: tuple[int, int] | None) -> dict:
+    """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it."""
+    from shardfmt import ShardWriter, tokenizer_identity
+
+    packing = "chunk" if args.encode_type == "pretrain" else "bfd" if args.merge_data else "none"
+    tokens_per_file = int(args.tokens_per_file)
+    try:
+        writer = ShardWriter(args.output_path, args.corpus_name, dtype=dtype,
+                             encode_type=args.encode_type, max_length=args.max_length,
+                             tokens_per_file=tokens_per_file,
+                             tokenizer_info=tokenizer_identity(encoder.tok), packing=packing,
+                             metadata=run_metadata(args, encoder=encoder, added=added, part=part),
+                             overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(f"refusing to write: {e}") from None
+    with writer as w:
+        shard_tokens: list[int] = []
+        for segs, cont in samples:
+            w.add_sample(segs, continues_previous=cont)
+            n = sum(len(ids) for ids, _ in segs)
+            stats.sample_lengths.append(n)
+            if not shard_tokens or (shard_tokens[-1] > 0 and shard_tokens[-1] + n > tokens_per_file):
+                shard_tokens.append(0)
+            shard_tokens[-1] += n
+        stats.tokens_per_shard = shard_tokens
+        w.metadata["stats"] = stats.as_dict()
+        if added:
+            encoder.tok.save_pretrained(str(w.directory / "tokenizer"))
+    out = w.directory
+    result = w.metadata["stats"]
+    write_stats_json(out / "stats.json", result)
+    if args.plot:
+        plot_lengths(out / "lengths.png", stats.doc_lengths, max_length=args.max_length,
+                     title=f"{args.corpus_name}: {len(stats.doc_lengths)} documents")
+    print(f"wrote {out} ({dtype}, {w.counts['shards']} shard(s))")
+    return result
+
+
+def run_metadata(args: Any, *, encoder: SampleEncoder, added: dict,
+                 part: tuple[int, int] | None) -> dict:
+    """Everything needed to reproduce the prompt and the encoding (no worker count, no times)."""
+    return {
+        "encoder": {
+            "encode_type": args.encode_type,
+            "template": args.template if args.encode_type != "pretrain" else None,
+            "truncation": args.truncation,
+            "max_length": args.max_length,
+            "merge_data": bool(args.merge_data) and args.encode_type != "pretrain",
+            "pack_window": args.pack_window,
+            "drop_remainder": args.drop_remainder,
+            "data_loader": os.path.basename(args.data_loader_path),
+            "data_loader_args": parse_kv_args(args.data_loader_args),
+            "part": f"{part[0]}/{part[1]}" if part else None,
+        },
+        "special_tokens": encoder.describe(),
+        "added_tokens": added,
+        "tokenizer_dir": "tokenizer" if added else None,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Length statistics, the run summary, stats.json and the --plot histogram."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAX_REASONS = 5
+
+
+def percentiles(lengths: list[int] | np.ndarray) -> dict:
+    """min/p50/p90/p99/max/mean of `lengths` (all zeros when empty).
+
+    >>> percentiles([1, 2, 3, 4])["p50"]
+    2.5
+    """
+    arr = np.asarray(lengths, dtype=np.int64)
+    if arr.size == 0:
+        return {"count": 0, "min": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0}
+    p50, p90, p99 = (float(x) for x in np.percentile(arr, [50, 90, 99]))
+    return {"count": int(arr.size), "min": int(arr.min()), "p50": p50, "p90": p90, "p99": p99,
+            "max": int(arr.max()), "mean": round(float(arr.mean()), 2)}
+
+
+@dataclass
+class RunStats:
+    """Counts gathered while encoding; `as_dict()` is what stats.json holds."""
+
+    max_length: int
+    doc_lengths: list[int] = field(default_factory=list)      # before truncation
+    sample_lengths: list[int] = field(default_factory=list)   # written samples
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+    remainder_tokens: int = 0
+    remainder_dropped: bool = False
+    tokens_per_shard: list[int] = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        if len(self.skip_reasons) < MAX_REASONS:
+            self.skip_reasons.append(reason)
+
+    def fill(self) -> float:
+        """Tokens written / (samples * max_length)."""
+        n = len(self.sample_lengths)
+        return sum(self.sample_lengths) / (n * self.max_length) if n else 0.0
+
+    def as_dict(self) -> dict:
+        over = sum(1 for n in self.doc_lengths if n > self.max_length)
+        return {
+            "rows": self.rows,
+            "doc_length": percentiles(self.doc_lengths),
+            "docs_longer_than_max_length": over,
+            "sample_length": percentiles(self.sample_lengths),
+            "samples": len(self.sample_lengths),
+            "tokens": int(sum(self.sample_lengths)),
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "skipped_invalid": self.skipped,
+            "skip_reasons": self.skip_reasons,
+            "fill": round(self.fill(), 6),
+            "min_possible_samples": -(-sum(self.sample_lengths) // self.max_length),
+            "final_remainder_tokens": self.remainder_tokens,
+            "final_remainder_dropped": self.remainder_dropped,
+            "tokens_per_shard": self.tokens_per_shard,
+        }
+
+
+def summary_lines(stats: dict, *, seconds: float | None = None) -> list[str]:
+    """Human-readable summary of `RunStats.as_dict()`."""
+    d, s = stats["doc_length"], stats["sample_length"]
+    lines = [
+        f"rows {stats['rows']}  samples {stats['samples']}  tokens {stats['tokens']}"
+        + (f"  ({stats['tokens'] / seconds:,.0f} tok/s over {seconds:.1f}s)" if seconds else ""),
+        f"document length  min {d['min']}  p50 {d['p50']:.0f}  p90 {d['p90']:.0f}  "
+        f"p99 {d['p99']:.0f}  max {d['max']}  ({stats['docs_longer_than_max_length']} longer "
+        f"than max_length)",
+        f"sample length    min {s['min']}  p50 {s['p50']:.0f}  p90 {s['p90']:.0f}  "
+        f"p99 {s['p99']:.0f}  max {s['max']}  fill {100 * stats['fill']:.2f}%",
+        f"truncated {stats['truncated']}  dropped {stats['dropped']}  "
+        f"skipped invalid {stats['skipped_invalid']}",
+    ]
+    lines += [f"  skipped: {r}" for r in stats["skip_reasons"]]
+    if stats["final_remainder_tokens"]:
+        verb = "dropped" if stats["final_remainder_dropped"] else "kept as a shorter last sample"
+        lines.append(f"final remainder: {stats['final_remainder_tokens']} tokens ({verb})")
+    return lines
+
+
+def write_stats_json(path: Path, stats: dict) -> None:
+    path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+
+
+def plot_lengths(path: Path, doc_lengths: list[int], *, max_length: int, title: str) -> None:
+    """Histogram of document lengths with the max_length cut marked (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(doc_lengths, bins=min(100, max(10, len(set(doc_lengths)))), color="#4477aa")
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per document (before truncation)")
+    ax.set_ylabel("documents")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
