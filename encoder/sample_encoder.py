@@ -84,6 +84,25 @@ class SampleEncoder:
                 out[k] = self._assemble(segs, token_lists[k])
         return out
 
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the prompt for generating the next assistant turn, exactly as the encoder
+        lays out a training sample up to the first trained token (same template, same BOS
+        policy, same per-piece tokenization). Used by `trainer.generate`.
+
+        >>> enc.encode_prompt([{"role": "user", "content": "Hi"}])          # doctest: +SKIP
+        [1, 6324]
+        """
+        if self.template is None:
+            raise TemplateError("pretrain datasets have no prompt format; pass raw text instead")
+        # Render with a placeholder answer (chat templates must find its text), then keep every
+        # segment up to the last untrained one: the history plus the generation prompt.
+        placeholder = [{"role": "assistant", "content": "Placeholder answer."}]
+        segs = render(self.template, list(messages) + placeholder)
+        last_prompt = max((k for k, seg in enumerate(segs) if not seg[2]), default=-1)
+        prompt_segs = segs[:last_prompt + 1]
+        token_lists = self._tokenize([prompt_segs])[0]
+        return list(self.prefix) + [t for toks in token_lists for t in toks]
+
     # -- steps ------------------------------------------------------------------------------------
     def _segments(self, rows: list[Any]) -> tuple[list[list], list[Encoded | None]]:
         seg_rows, out = [], []

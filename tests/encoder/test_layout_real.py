@@ -125,3 +125,19 @@ def test_chat_template_answer_text_also_in_prompt():
 def test_auto_dtype_from_real_len(name, dtype):
     from encoder.tokenizer_policy import choose_dtype
     assert choose_dtype("auto", vocab_size=len(real_tokenizer(name))) == dtype
+
+
+@pytest.mark.parametrize("name, template", [("llama2", "alpaca"), ("qwen3", "chat"),
+                                            ("gpt2", "none"), ("qwen3", "chatml"),
+                                            ("llama3", "llama2")])
+def test_inference_prompt_is_the_training_prefix(name, template):
+    """`encode_prompt` (used by trainer.generate) yields exactly the untrained prefix of the
+    encoded training sample, for one turn and for a conversation with history."""
+    enc = make_encoder(name, template)
+    for history in (QA[:1], CHAT[:-1]):
+        prompt = enc.encode_prompt(history)
+        full = enc.encode_rows([history + [CHAT[-1]]])[0]
+        assert full.ids[:len(prompt)].tolist() == prompt
+        assert not full.mask[len(prompt) - 1] and full.mask[len(prompt)]  # answer starts here
+        if len(history) == 1:
+            assert not full.mask[:len(prompt)].any()
