@@ -1,0 +1,171 @@
+"""Export a training checkpoint as a plain Hugging Face model.
+
+    python -m trainer.export --checkpoint runs/RUN/checkpoints/step_600 --output exported/
+    python -m trainer.export --checkpoint RUN_DIR --output exported/          # the latest step
+    python -m trainer.export --checkpoint CKPT --output exported/ --from_zero # ignore HF weights
+
+What it handles, by what the checkpoint holds:
+  * a LoRA adapter (adapter_config.json): the base model (from the adapter config or the run's
+    --model_path; `--base_model` overrides) is resized to the checkpoint's tokenizer exactly as in
+    training, the adapter is loaded and merged (`merge_and_unload`), tied embeddings stay tied;
+  * full weights (model.safetensors): re-saved (optionally in another dtype), loadable as is;
+  * only a DeepSpeed ZeRO engine checkpoint (`--save_optimizer` runs, or `--from_zero`): the fp32
+    weights are reassembled from the ZeRO shards (`get_fp32_state_dict_from_zero_checkpoint`).
+The output always gets the tokenizer and `prompt_format.json`, so `trainer.generate` formats
+prompts exactly like the encoder did. The output is written to a temp dir and renamed when
+complete, and verified by loading it back with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python trainer/export.py` as well as `python -m trainer.export`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from trainer.checkpoint import DS_DIR, DS_TAG, read_state, resolve_checkpoint
+
+PROMPT_FORMAT = "prompt_format.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _base_model_path(ckpt: Path, override: str | None) -> str:
+    if override:
+        return override
+    adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    for candidate in (adapter_cfg.get("base_model_name_or_path"),
+                      read_state(ckpt).get("args", {}).get("model_path")):
+        if candidate and Path(candidate, "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{ckpt}: cannot find the LoRA base model (adapter_config's "
+                            f"base_model_name_or_path and the run's --model_path are gone); "
+                            f"pass --base_model PATH")
+
+
+def merge_lora(ckpt: Path, *, base_model: str | None, dtype: torch.dtype):
+    """Base resized to the checkpoint's tokenizer, adapter merged in: a plain model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(_base_model_path(ckpt, base_model), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    rows = base.get_input_embeddings().weight.shape[0]
+    saved_rows = _adapter_vocab_rows(ckpt)
+    if saved_rows and saved_rows != rows:
+        base.resize_token_embeddings(saved_rows, mean_resizing=False)  # rows come from the adapter
+    elif len(tokenizer) > rows:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
+    return model, tokenizer
+
+
+def _adapter_vocab_rows(ckpt: Path) -> int | None:
+    """Embedding rows the adapter was trained with (its config.json, saved with the adapter)."""
+    cfg = ckpt / "config.json"
+    return json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+
+
+def from_zero(ckpt: Path, *, dtype: torch.dtype):
+    """Reassemble full fp32 weights from a ZeRO-2/3 engine checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ds_dir = ckpt / DS_DIR
+    if not (ds_dir / DS_TAG).is_dir():
+        raise FileNotFoundError(f"{ckpt}: no DeepSpeed engine checkpoint in {ds_dir}/{DS_TAG} "
+                                f"(train with --save_optimizer to keep one)")
+    if (ckpt / "adapter_config.json").is_file():
+        raise ValueError(f"{ckpt}: a LoRA run's engine checkpoint holds only the adapter; export "
+                         f"the adapter instead (drop --from_zero)")
+    config_dir = ckpt if (ckpt / "config.json").is_file() else \
+        read_state(ckpt)["args"]["model_path"]
+    config = AutoConfig.from_pretrained(config_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{ckpt}: ZeRO weights do not fit the model config (missing "
+                         f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model.to(dtype), AutoTokenizer.from_pretrained(ckpt)
+
+
+def full_model(ckpt: Path, *, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype),
+            AutoTokenizer.from_pretrained(ckpt))
+
+
+def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None = None,
+           dtype: str = "fp32", use_zero: bool = False, overwrite: bool = False) -> Path:
+    """Write `output/` (model + tokenizer + prompt format) from a checkpoint or run directory."""
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite")
+    torch_dtype = DTYPES[dtype]
+    if use_zero or not any((ckpt / n).is_file() for n in ("model.safetensors",
+                                                         "adapter_config.json",
+                                                         "model.safetensors.index.json")):
+        model, tokenizer = from_zero(ckpt, dtype=torch_dtype)
+    elif (ckpt / "adapter_config.json").is_file():
+        model, tokenizer = merge_lora(ckpt, base_model=base_model, dtype=torch_dtype)
+    else:
+        model, tokenizer = full_model(ckpt, dtype=torch_dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if (ckpt / PROMPT_FORMAT).is_file():
+        shutil.copy2(ckpt / PROMPT_FORMAT, tmp / PROMPT_FORMAT)
+    _check_loads(tmp, model)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _check_loads(path: Path, model) -> None:
+    """The export must load back with plain transformers and give the same weights."""
+    from transformers import AutoModelForCausalLM
+    again = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
+    want = model.state_dict()
+    for name, tensor in again.state_dict().items():
+        if not torch.equal(tensor, want[name]):
+            raise RuntimeError(f"{path}: exported tensor {name} differs after reloading")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoints/step_N dir or a run dir")
+    ap.add_argument("--output", required=True, help="directory for the Hugging Face model")
+    ap.add_argument("--base_model", help="LoRA: base model dir (default: from the checkpoint)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--from_zero", action="store_true",
+                    help="rebuild weights from the DeepSpeed ZeRO engine checkpoint")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.output, base_model=args.base_model, dtype=args.dtype,
+                     use_zero=args.from_zero, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {out} (load with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Generate with a trained model, formatting prompts exactly as the encoder did for training.
+
+    python -m trainer.generate --model exported/ --prompt "Write an email to Alice about ..."
+    python -m trainer.generate --model BASE --adapter runs/RUN/checkpoints/step_600 --interactive
+    python -m trainer.generate --model exported/ --prompts_file heldout.jsonl --output gen.jsonl
+
+The prompt format comes from `prompt_format.json` (the dataset manifest's template and
+special-token policy, saved by the trainer in every checkpoint and copied by `trainer.export`):
+the same template, the same BOS rule and the same per-piece tokenization as the training samples
+(`encoder.SampleEncoder.encode_prompt`; the reuse is deliberate, so the two can never drift).
+Generation stops at EOS / the template's end-of-turn token. `--prompt` and `--interactive`
+stream tokens as they come; `--prompts_file` (JSONL rows {"q", "a"?, "system"?} or
+{"messages": [...]}) writes {"prompt", "expected", "generated"} rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from trainer.export import PROMPT_FORMAT
+
+
+def load_prompt_format(*dirs: Path | None, template: str | None) -> dict:
+    for d in dirs:
+        if d is not None and (d / PROMPT_FORMAT).is_file():
+            fmt = json.loads((d / PROMPT_FORMAT).read_text())
+            return {**fmt, "template": template or fmt["template"]}
+    if template:
+        return {"encode_type": "qa", "template": template, "max_length": 1 << 20}
+    raise FileNotFoundError(f"no {PROMPT_FORMAT} in {[str(d) for d in dirs if d]}: pass "
+                            f"--template NAME (the --template the data was encoded with)")
+
+
+def load_model(model_dir: Path, adapter_dir: Path | None):
+    """Model (+ LoRA adapter on a base resized like in training) and the matching tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() \
+        else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tokenizer, tok_dir
+
+
+def make_prompt_encoder(tokenizer, tok_dir: Path, fmt: dict):
+    from encoder.sample_encoder import EncoderSpec, SampleEncoder
+    spec = EncoderSpec(str(tok_dir), fmt.get("encode_type", "qa"), int(fmt.get("max_length", 1 << 20)),
+                       template=fmt["template"])
+    return SampleEncoder(spec, tokenizer=tokenizer)
+
+
+def row_messages(row: dict | str, system: str | None = None) -> tuple[list[dict], str | None]:
+    """A prompt row -> (messages without the answer, expected answer or None)."""
+    if isinstance(row, str):
+        row = {"q": row}
+    if "messages" in row:
+        msgs = list(row["messages"])
+        expected = msgs.pop()["content"] if msgs and msgs[-1]["role"] == "assistant" else None
+        return msgs, expected
+    msgs = [{"role": "system", "content": row.get("system") or system}] \
+        if (row.get("system") or system) else []
+    return msgs + [{"role": "user", "content": row["q"]}], row.get("a")
+
+
+@torch.no_grad()
+def generate_one(model, tokenizer, encoder, messages: list[dict], *, max_new_tokens: int,
+                 temperature: float, stream: bool) -> tuple[str, list[int]]:
+    from transformers import TextStreamer
+    prompt = encoder.encode_prompt(messages)
+    stop = list(dict.fromkeys(encoder.end_ids + ([tokenizer.eos_token_id]
+                                                 if tokenizer.eos_token_id is not None else [])))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                                                           dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature if temperature > 0 else None, top_p=None,
+                         top_k=None, eos_token_id=stop, pad_token_id=pad,
+                         streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                               skip_special_tokens=True) if stream else None)
+    new = out[0, len(prompt):].tolist()
+    if new and new[-1] in stop:
+        new = new[:-1]
+    return tokenizer.decode(new, skip_special_tokens=True), prompt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model dir (exported, or a full checkpoint)")
+    ap.add_argument("--adapter", help="LoRA adapter checkpoint dir to apply on --model")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", help="one or more user prompts")
+    src.add_argument("--prompts_file", help="JSONL of {'q','a'?,'system'?} or {'messages'} rows")
+    src.add_argument("--interactive", action="store_true", help="read prompts from stdin")
+    ap.add_argument("--system", help="system message for every prompt")
+    ap.add_argument("--template", help="override the prompt template (default: prompt_format.json)")
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", help="--prompts_file: write results as JSONL here")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model_dir = Path(args.model)
+    adapter_dir = Path(args.adapter) if args.adapter else None
+    try:
+        fmt = load_prompt_format(adapter_dir, model_dir, template=args.template)
+        model, tokenizer, tok_dir = load_model(model_dir, adapter_dir)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 1
+    encoder = make_prompt_encoder(tokenizer, tok_dir, fmt)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    if args.prompts_file:
+        rows = [json.loads(line) for line in Path(args.prompts_file).read_text().splitlines()
+                if line.strip()]
+        results = []
+        for row in rows:
+            messages, expected = row_messages(row, args.system)
+            text, _ = generate_one(model, tokenizer, encoder, messages, stream=False, **gen)
+            results.append({"prompt": messages[-1]["content"], "expected": expected,
+                            "generated": text})
+            print(json.dumps(results[-1], ensure_ascii=False), flush=True)
+        if args.output:
+            Path(args.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                 for r in results))
+        return 0
+    prompts = args.prompt or iter(lambda: input("\nprompt> "), "")
+    try:
+        for text in prompts:
+            messages, _ = row_messages(text, args.system)
+            if not args.interactive:
+                print(f"### {text}")
+            generate_one(model, tokenizer, encoder, messages, stream=True, **gen)
+    except (EOFError, KeyboardInterrupt):
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
