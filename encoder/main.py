@@ -149,7 +149,7 @@ def pretrain_samples(docs: Iterable[Encoded], *, max_length: int, stats: RunStat
 
     def with_masks(sample: tuple[list[np.ndarray], bool]) -> Sample:
         segs, cont = sample
-        return [(s, np.ones(len(s), dtype=bool)) for s in segs], cont
+        return [(s, None) for s in segs], cont  # None = every token trained (writer fast path)
 
     for d in docs:
         for sample in chunker.push(d.ids):

@@ -224,53 +224,62 @@ class ShardWriter:
         d.mkdir(parents=True, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------------------
-    def add_sample(self, docs: Sequence[tuple[Iterable[int], Iterable[Any]]], *,
+    def add_sample(self, docs: Sequence[tuple[Iterable[int], Iterable[Any] | None]], *,
                    continues_previous: bool = False) -> None:
         """Append one training sample made of whole documents (or document segments).
 
-        `docs` is a list of `(ids, loss_mask)` pairs. `continues_previous=True` marks the first
-        segment as the continuation of a document begun in the previous sample (pretrain chunks).
+        `docs` is a list of `(ids, loss_mask)` pairs; `loss_mask=None` means every token is
+        trained (pretrain: no mask array is built, ~2x faster). `continues_previous=True` marks
+        the first segment as the continuation of a document begun in the previous sample.
         """
         if self._closed:
             raise RuntimeError(f"{self.directory}: add_sample after close()/abort()")
         if not docs:
             raise ValueError("add_sample: a sample needs at least one document")
-        id_parts, lens, spans, loss_tokens, offset, max_id = [], [], [], 0, 0, -1
+        id_parts, lens, spans, loss_tokens, offset = [], [], [], 0, 0
         for k, (ids, mask) in enumerate(docs):
             ids_arr = np.asarray(ids)
-            mask_arr = np.asarray(mask).astype(bool, copy=False)
-            self._check_doc(k, ids_arr, mask_arr)
-            max_id = max(max_id, int(ids_arr.max()))
+            if ids_arr.ndim != 1 or len(ids_arr) == 0:
+                raise ValueError(f"document {k}: ids must be a non-empty 1-D sequence "
+                                 f"(got shape {ids_arr.shape})")
+            if ids_arr.dtype.kind not in "iu":
+                raise ValueError(f"document {k}: ids must be integers (got dtype {ids_arr.dtype})")
+            n = len(ids_arr)
+            if mask is None:
+                spans.append(np.array([offset, offset + n], dtype=np.int32))
+                loss_tokens += n
+            else:
+                mask_arr = np.asarray(mask).astype(bool, copy=False)
+                if mask_arr.shape != ids_arr.shape:
+                    raise ValueError(f"document {k}: loss_mask has "
+                                     f"{mask_arr.shape[0] if mask_arr.ndim else 0} entries for "
+                                     f"{n} ids")
+                spans.append(loss_spans_from_mask(mask_arr, offset=offset))
+                loss_tokens += int(np.count_nonzero(mask_arr))
             id_parts.append(ids_arr)
-            lens.append(len(ids_arr))
-            spans.append(loss_spans_from_mask(mask_arr, offset=offset))
-            loss_tokens += int(np.count_nonzero(mask_arr))
-            offset += len(ids_arr)
+            lens.append(n)
+            offset += n
         if offset > self.max_length:
             raise ValueError(f"sample of {offset} tokens is longer than max_length="
                              f"{self.max_length}; truncate or split it before add_sample")
-        flags = bytes([DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1))
         ids_all = id_parts[0] if len(id_parts) == 1 else np.concatenate(id_parts)
-        self._shard_for(offset).add(ids_all, lens, np.concatenate(spans), flags, loss_tokens,
-                                    max_id)
+        lo, hi = int(ids_all.min()), int(ids_all.max())  # one range check per sample
+        if lo < 0 or hi > self.max_id:
+            self._raise_out_of_range(id_parts)
+        flags = bytes([DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1))
+        self._shard_for(offset).add(ids_all, lens, np.concatenate(spans), flags, loss_tokens, hi)
 
-    def _check_doc(self, k: int, ids: np.ndarray, mask: np.ndarray) -> None:
-        if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError(f"document {k}: ids must be a non-empty 1-D sequence "
-                             f"(got shape {ids.shape})")
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"document {k}: ids must be integers (got dtype {ids.dtype})")
-        if mask.shape != ids.shape:
-            raise ValueError(f"document {k}: loss_mask has {mask.shape[0] if mask.ndim else 0} "
-                             f"entries for {len(ids)} ids")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0:
-            raise ValueError(f"document {k}: token id {lo} is negative; ids must be >= 0")
-        if hi > self.max_id:
-            fix = (f"use --save_dtype {smallest_dtype_for(hi + 1)} (or 'auto')"
-                   if hi <= dtype_max_id("int32") else "no token dtype holds it")
-            raise ValueError(f"document {k}: token id {hi} does not fit dtype {self.dtype.name} "
-                             f"(max {self.max_id}); {fix}")
+    def _raise_out_of_range(self, id_parts: list[np.ndarray]) -> None:
+        """Name the first document holding an id the dtype cannot store (never wrap)."""
+        for k, ids in enumerate(id_parts):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0:
+                raise ValueError(f"document {k}: token id {lo} is negative; ids must be >= 0")
+            if hi > self.max_id:
+                fix = (f"use --save_dtype {smallest_dtype_for(hi + 1)} (or 'auto')"
+                       if hi <= dtype_max_id("int32") else "no token dtype holds it")
+                raise ValueError(f"document {k}: token id {hi} does not fit dtype "
+                                 f"{self.dtype.name} (max {self.max_id}); {fix}")
 
     def _shard_for(self, sample_tokens: int) -> _ShardBuilder:
         cur = self._current

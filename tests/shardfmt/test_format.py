@@ -77,6 +77,15 @@ def test_continuation_flag_and_token_zero(tmp_path):
     assert ds.doc_continues(1).tolist() == [True, False]
 
 
+def test_mask_none_means_every_token_trained(tmp_path):
+    with ShardWriter(tmp_path, "p", dtype="uint16", encode_type="pretrain", max_length=8,
+                     tokenizer_info=TOK_INFO) as w:
+        w.add_sample([([4, 5, 6], None), ([7, 8], [0, 1])])
+    s = open_dataset(tmp_path / "p")[0]
+    assert s.loss_mask.tolist() == [True, True, True, False, True]
+    assert s.doc_lens.tolist() == [3, 2]
+
+
 def test_several_directories_concatenate(tmp_path):
     a = write(tmp_path / "a", [[([1], [1])]])
     b = write(tmp_path / "b", [[([2], [1])], [([3], [1])]], dtype="int32")

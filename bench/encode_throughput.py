@@ -1,0 +1,301 @@
+"""Encode throughput: `encoder/main.py` end to end vs the raw tokenizer, a Megatron-style pipeline
+and HF `datasets.map`, on the same texts.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/encode_throughput.py --replicate 1 --repeats 3
+
+Cases: qa (alpaca en+zh through encoder/user_data_loader/alpaca.py, template none, --merge_data)
+and pretrain (c4 + tinyshakespeare paragraphs through text.py), each with llama2 and qwen3;
+`--replicate N` repeats the file list N times (N=4 is REFERENCE.md's 38k documents).
+
+Ours: `python encoder/main.py ...` as a subprocess, shards written, with --num_workers 1 and 2.
+  * wall: the whole process (interpreter, imports, tokenizer load, plugin, encode, pack, write).
+  * steady: the encoder's own tok/s (after its set-up; plugin + encode + pack + write).
+Baselines run in one separate process per repeat, timed after their imports and the tokenizer
+load (so their numbers exclude start-up; ours "wall" does not):
+  (a) raw: `tokenizer(batch, add_special_tokens=False)` over the strings the encoder tokenizes
+      (qa: each prompt and each answer; batches of 1024 strings, as the encoder's 512 rows), in
+      memory, nothing written. The ceiling.
+  (b) megatron: `multiprocessing.Pool(ncpu).imap(encode_one, lines, 32)` over a JSONL file, as
+      Megatron's tools/preprocess_data.py (json.loads + tokenize per line in the worker; the
+      tokenizer is inherited through fork, which spares the workers the load Megatron pays),
+      each document added with `IndexedDatasetBuilder.add_document(ids, [len])`, then finalize.
+  (c) hf-datasets: `Dataset.from_dict(cols).map(tokenize, batched=True)` (default batch 1000,
+      one process), kept in memory as datasets does for an in-memory Dataset.
+Every method produces the same token count (BOS iff the tokenizer adds one, text, EOS), except
+raw which has no special tokens; tokens/s below is always the dataset's token count (stats.json)
+divided by the method's time, so every ratio is a ratio of times on identical input.
+Medians of `--repeats` runs (methods interleaved within each repeat, the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+RAW_BATCH = 1024
+CASES = {
+    "qa": ("alpaca.py", ["alpaca_en_demo.json", "alpaca_zh_demo.json"]),
+    "pretrain": ("text.py", ["c4_demo.jsonl", "tinyshakespeare.txt"]),
+}
+
+
+def plugin_args(case: str, shared: Path, replicate: int) -> tuple[str, str]:
+    plugin, files = CASES[case]
+    path = ",".join(str(shared / "data" / f) for f in files * replicate)
+    return str(ROOT / "encoder" / "user_data_loader" / plugin), path
+
+
+def load_rows(case: str, shared: Path, replicate: int) -> list:
+    """The plugin's rows, exactly as the encoder reads them."""
+    from encoder.plugins import load_plugin
+    plugin, path = plugin_args(case, shared, replicate)
+    return list(load_plugin(plugin).fn(path=path))
+
+
+# -- ours -----------------------------------------------------------------------------------------
+def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace) -> dict:
+    plugin, path = plugin_args(case, Path(args.shared), args.replicate)
+    out = Path(args.out) / "ours"
+    name = f"{case}_{tok}_w{workers}"
+    cmd = [sys.executable, str(ROOT / "encoder" / "main.py"),
+           "--tokenizer_path", str(Path(args.shared) / "tokenizers" / tok),
+           "--data_loader_path", plugin, "--data_loader_args", f"path={path}",
+           "--encode_type", case, "--max_length", str(args.max_length),
+           "--output_path", str(out), "--corpus_name", name, "--overwrite",
+           "--num_workers", str(workers)] + (["--merge_data"] if case == "qa" else [])
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"encoder failed ({res.returncode}): {' '.join(cmd)}\n"
+                           f"{res.stderr[-3000:]}")
+    stats = json.loads((out / name / "stats.json").read_text())
+    m = re.search(r"\(([\d,]+) tok/s over", res.stdout)
+    setup = re.search(r"setup ([\d.]+)s", res.stderr)
+    steady_tps = float(m.group(1).replace(",", "")) if m else float("nan")
+    return {"wall_s": wall, "tokens": stats["tokens"], "steady_s": stats["tokens"] / steady_tps,
+            "setup_s": float(setup.group(1)) if setup else float("nan"),
+            "fill": stats["fill"], "samples": stats["samples"], "rows": stats["rows"]}
+
+
+# -- baselines (run in a child process: --_baselines) ------------------------------------------
+_MEGATRON_TOK = None
+_MEGATRON_SPEC = None
+
+
+def _encode_one(line: str):
+    """Megatron's Encoder.encode: json.loads + tokenize one document (+ BOS/EOS as ours)."""
+    row = json.loads(line)
+    prefix, eos, case = _MEGATRON_SPEC
+    if case == "qa":
+        ids = (prefix + _MEGATRON_TOK(row["q"], add_special_tokens=False)["input_ids"]
+               + _MEGATRON_TOK(row["a"], add_special_tokens=False)["input_ids"] + eos)
+    else:
+        ids = prefix + _MEGATRON_TOK(row["text"], add_special_tokens=False)["input_ids"] + eos
+    return ids, len(line)
+
+
+def write_jsonl(rows: list, case: str, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            obj = {"q": r["q"], "a": r["a"]} if case == "qa" else {"text": r}
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def run_baselines(case: str, tok_name: str, args: argparse.Namespace) -> dict:
+    global _MEGATRON_TOK, _MEGATRON_SPEC
+    import multiprocessing as mp
+    import numpy as np
+    from transformers import AutoTokenizer
+    from encoder.tokenizer_policy import measure_policy
+
+    shared, out = Path(args.shared), Path(args.out)
+    tok = AutoTokenizer.from_pretrained(str(shared / "tokenizers" / tok_name))
+    pol = measure_policy(tok)
+    prefix, eos = pol.doc_prefix(), [pol.eos_id]
+    rows = load_rows(case, shared, args.replicate)
+    texts = [x for r in rows for x in (r["q"], r["a"])] if case == "qa" else rows
+    jsonl = out / f"{case}_x{args.replicate}.jsonl"
+    if not jsonl.exists():
+        write_jsonl(rows, case, jsonl)
+    result = {}
+
+    # (b) Megatron-style: fork-inherited tokenizer, imap(chunksize=32), IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    _MEGATRON_TOK, _MEGATRON_SPEC = tok, (prefix, eos, case)
+    prefix_path = out / "megatron" / f"{case}_{tok_name}"
+    prefix_path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if len(tok) < 65500 else np.int32
+    t0 = time.perf_counter()
+    builder = IndexedDatasetBuilder(str(prefix_path) + ".bin", dtype=dtype)
+    n_tok = 0
+    with open(jsonl, encoding="utf-8") as fin, mp.get_context("fork").Pool(os.cpu_count()) as pool:
+        for ids, _ in pool.imap(_encode_one, fin, 32):
+            builder.add_document(ids, [len(ids)])
+            n_tok += len(ids)
+    builder.finalize(str(prefix_path) + ".idx")
+    result["megatron"] = {"s": time.perf_counter() - t0, "tokens": n_tok}
+
+    # (a) raw ceiling: batched tokenizer calls, nothing else
+    t0 = time.perf_counter()
+    n_tok = 0
+    for k in range(0, len(texts), RAW_BATCH):
+        n_tok += sum(map(len, tok(texts[k:k + RAW_BATCH], add_special_tokens=False)["input_ids"]))
+    result["raw"] = {"s": time.perf_counter() - t0, "tokens": n_tok}
+
+    # (c) HF datasets.map(batched=True)
+    try:
+        import datasets
+    except ImportError:
+        result["hf"] = None
+    else:
+        datasets.disable_progress_bars()
+        if case == "qa":
+            cols = {"q": [r["q"] for r in rows], "a": [r["a"] for r in rows]}
+
+            def fn(batch):
+                q = tok(batch["q"], add_special_tokens=False)["input_ids"]
+                a = tok(batch["a"], add_special_tokens=False)["input_ids"]
+                return {"input_ids": [prefix + x + y + eos for x, y in zip(q, a)]}
+        else:
+            cols = {"text": rows}
+
+            def fn(batch):
+                return {"input_ids": [prefix + x + eos for x in
+                                      tok(batch["text"], add_special_tokens=False)["input_ids"]]}
+        t0 = time.perf_counter()
+        ds = datasets.Dataset.from_dict(cols).map(fn, batched=True, remove_columns=list(cols))
+        elapsed = time.perf_counter() - t0
+        n_tok = int(sum(len(x) for x in ds["input_ids"]))
+        result["hf"] = {"s": elapsed, "tokens": n_tok}
+    return result
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--replicate", type=int, default=1, help="repeat the data files N times")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokenizers", default="llama2,qwen3")
+    ap.add_argument("--cases", default="qa,pretrain")
+    ap.add_argument("--workers", default="1,2", help="--num_workers values for ours")
+    ap.add_argument("--more_workers_on", default="qa/llama2,pretrain/llama2",
+                    help="cases that also run the 2nd.. --workers values (the first value runs on "
+                         "every case); 'all' for every case. Keeps the default run < 8 min here")
+    ap.add_argument("--max_length", type=int, default=2048)
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "bench_out" / "encode"))
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--_baselines", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    combos = [(c, t) for c in args.cases.split(",") for t in args.tokenizers.split(",")]
+    if args._baselines:  # child: every (case, tokenizer), imports paid once
+        print(json.dumps({f"{c}/{t}": run_baselines(c, t, args) for c, t in combos}))
+        return
+    if not (Path(args.shared) / "tokenizers").is_dir():
+        print(f"skip: {args.shared}/tokenizers not found (encode benchmark needs ../shared)")
+        return
+    workers = [int(w) for w in args.workers.split(",")]
+    more = {f"{c}/{t}" for c, t in combos} if args.more_workers_on == "all" \
+        else set(args.more_workers_on.split(","))
+    runs: dict = {f"{c}/{t}": {"ours": {w: [] for w in (workers if f"{c}/{t}" in more
+                                                        else workers[:1])}, "base": []}
+                  for c, t in combos}
+    t_start = time.perf_counter()
+    for rep in range(args.repeats):
+        for case, tok in combos:
+            for w, results in runs[f"{case}/{tok}"]["ours"].items():
+                results.append(run_ours(case, tok, w, args))
+        res = subprocess.run([sys.executable, __file__, "--_baselines", "--cases", args.cases,
+                              "--tokenizers", args.tokenizers, "--replicate", str(args.replicate),
+                              "--shared", args.shared, "--out", args.out],
+                             capture_output=True, text=True, cwd=ROOT)
+        if res.returncode != 0:
+            raise RuntimeError(f"baselines failed: {res.stderr[-3000:]}")
+        for key, val in json.loads(res.stdout.strip().splitlines()[-1]).items():
+            runs[key]["base"].append(val)
+        print(f"repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f}s)",
+              file=sys.stderr)
+    report(runs, workers, args, total_s=time.perf_counter() - t_start)
+
+
+def report(runs: dict, workers: list[int], args, *, total_s: float) -> None:
+    med = statistics.median
+    summary, results = [], {}
+    rows_of = {key.split("/")[0]: next(iter(r["ours"].values()))[0]["rows"]
+               for key, r in runs.items()}
+    names = {"qa": "alpaca en+zh records", "pretrain": "c4 docs + tinyshakespeare paragraphs"}
+    print(f"data ×{args.replicate}: "
+          + "; ".join(f"{c}: {n:,} {names[c]}" for c, n in rows_of.items())
+          + f"; max_length {args.max_length} (qa packed with --merge_data); medians of "
+          f"{args.repeats} runs; {os.cpu_count()} CPUs; this benchmark took {total_s:.0f}s.\n"
+          "wall = the whole `python encoder/main.py` process (start-up = wall − steady: "
+          "interpreter, "
+          "imports, tokenizer load); steady = the encoder's own tok/s after its set-up. Baselines "
+          "are timed in-process after their imports and tokenizer load. Ratio columns: ours "
+          "tokens/s ÷ that row's tokens/s (> 1: ours faster).\n")
+    for key, r in runs.items():
+        tokens = next(iter(r["ours"].values()))[0]["tokens"]
+        rows = []   # (label, seconds, note)
+        case_workers = list(r["ours"])
+        for w in case_workers:
+            o = r["ours"][w]
+            rows.append((f"ours --num_workers {w}: wall (start-up incl.)",
+                         med(x["wall_s"] for x in o),
+                         f"start-up {med(x['wall_s'] - x['steady_s'] for x in o):.1f}s"))
+            rows.append((f"ours --num_workers {w}: steady (encoder's tok/s)",
+                         med(x["steady_s"] for x in o), ""))
+        base = r["base"]
+        for m, label in (("raw", "(a) raw tokenizer(batch), nothing written"),
+                         ("megatron", "(b) megatron Pool.imap(32) + IndexedDatasetBuilder"),
+                         ("hf", "(c) HF datasets.map(batched=True)")):
+            if base[0].get(m) is None:
+                rows.append((label + " — skipped (datasets not installed)", float("nan"), ""))
+                continue
+            note = "" if base[0][m]["tokens"] == tokens else f"{base[0][m]['tokens']:,} tokens"
+            rows.append((label, med(b[m]["s"] for b in base), note))
+        secs = {lab: s for lab, s, _ in rows}
+        ref_w = secs[f"ours --num_workers {workers[0]}: wall (start-up incl.)"]
+        ref_s = secs[f"ours --num_workers {workers[0]}: steady (encoder's tok/s)"]
+        print(f"### {key}: {tokens:,} tokens\n")
+        print(f"| method | seconds | tokens/s | ours w{workers[0]} wall ÷ this | "
+              f"ours w{workers[0]} steady ÷ this | note |\n|---|---:|---:|---:|---:|---|")
+        for lab, s, note in rows:
+            print(f"| {lab} | {s:.2f} | {tokens / s:,.0f} | {s / ref_w:.2f} | {s / ref_s:.2f} | "
+                  f"{note} |")
+        print()
+        best = {kind: min(secs[f"ours --num_workers {w}: {kind}"] for w in case_workers)
+                for kind in ("wall (start-up incl.)", "steady (encoder's tok/s)")}
+        raw, meg = secs["(a) raw tokenizer(batch), nothing written"], \
+            secs["(b) megatron Pool.imap(32) + IndexedDatasetBuilder"]
+        bw, bs = best["wall (start-up incl.)"], best["steady (encoder's tok/s)"]
+        summary.append((key, raw / bw, raw / bs, meg / bw, meg / bs))
+        results[key] = {"tokens": tokens, "seconds": secs}
+    print("### targets (best of ours over --num_workers; ≥ 0.9× raw, ≥ 1.7× megatron)\n")
+    print("| case | ÷ raw, wall | ÷ raw, steady | ÷ megatron, wall | ÷ megatron, steady |\n"
+          "|---|---|---|---|---|")
+    for key, a_w, a_s, b_w, b_s in summary:
+        def mark(x, t):
+            return f"{x:.2f} {'✓' if x >= t else '✗'}"
+        print(f"| {key} | {mark(a_w, 0.9)} | {mark(a_s, 0.9)} | {mark(b_w, 1.7)} | "
+              f"{mark(b_s, 1.7)} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"median_seconds": results, "runs": runs,
+                                               "args": vars(args)}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

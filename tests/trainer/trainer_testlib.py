@@ -1,0 +1,127 @@
+"""Helpers for trainer tests: a tiny tokenizer, tiny Llama/Qwen2 models, shardfmt datasets (all
+built in-process, no downloads), and running trainer/train.py under a launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+NUM_WORDS = 120  # tokenizer: 4 specials + w0..w119  -> 124 ids
+
+
+def build_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(NUM_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(out_dir: Path, *, vocab_size: int, kind: str = "llama", tie: bool = True,
+                max_positions: int = 128, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+def counting_doc(rng: np.random.Generator, length: int) -> np.ndarray:
+    """A learnable document: w_s, w_{s+1}, ... (mod NUM_WORDS), ids offset by the 4 specials."""
+    start = int(rng.integers(0, NUM_WORDS))
+    return 4 + (start + np.arange(length)) % NUM_WORDS
+
+
+def write_dataset(out_dir: Path, name: str, tokenizer, *, num_samples: int, seed: int = 0,
+                  max_length: int = 64, extra_ids: list[int] | None = None,
+                  tokenizer_info: dict | None = None) -> Path:
+    """Packed samples of 1-3 counting documents; the first 2 tokens of each doc are not loss tokens."""
+    from shardfmt import ShardWriter, tokenizer_identity
+    rng = np.random.default_rng(seed)
+    info = tokenizer_info if tokenizer_info is not None else tokenizer_identity(tokenizer)
+    dtype = "int32" if extra_ids else "uint16"
+    with ShardWriter(out_dir, name, dtype=dtype, encode_type="pretrain", max_length=max_length,
+                     tokenizer_info=info, packing="bfd", overwrite=True) as w:
+        for _ in range(num_samples):
+            docs, room = [], max_length
+            for _ in range(int(rng.integers(1, 4))):
+                if room < 6:
+                    break
+                n = int(rng.integers(5, min(room, 30) + 1))
+                ids = counting_doc(rng, n)
+                if extra_ids:
+                    ids[int(rng.integers(0, n))] = extra_ids[int(rng.integers(0, len(extra_ids)))]
+                mask = np.ones(n, dtype=bool)
+                mask[:2] = False
+                docs.append((ids, mask))
+                room -= n
+            w.add_sample(docs)
+    return out_dir / name
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+                "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})
+    # A private JIT cache: a cache shared with other virtualenvs rebuilds DeepSpeed's shm op (minutes).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], *, launcher: str = "python", nproc: int = 1, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run trainer/train.py under `python`, `deepspeed --num_gpus N`, or `torchrun`."""
+    script = str(REPO / "trainer" / "train.py")
+    if launcher == "python":
+        cmd = [sys.executable, script]
+    elif launcher == "deepspeed":
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), script]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd + args, cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def only_run_dir(output: Path) -> Path:
+    runs = [p for p in output.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def losses(ckpt_dir: Path) -> list[float]:
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["loss_history"]]

@@ -1,0 +1,246 @@
+"""Every flag of `trainer/train.py` as one typed dataclass, parsed and validated up front.
+
+`parse_args(argv)` returns a `TrainArgs`; `validate_args(args)` returns the list of every problem
+found (empty = fine); `parse_and_validate(argv)` exits with all problems at once. Nothing heavy
+(torch, transformers, deepspeed) is imported here, so a wrong flag fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "lion")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+REPORT_TO = ("none", "tensorboard")
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class TrainArgs:
+    # --- original llm-lite-trainer flags ---
+    model_path: str = ""
+    data_path: list[str] = field(default_factory=list)
+    output_path: str = ""
+    save_name: str = "run"
+    max_epochs: float | None = None
+    max_steps: int | None = None
+    seed: int = 1234
+    shuffle_data: bool = True
+    load_ckpt_path: str | None = None
+    deepspeed_config_path: str | None = None
+    max_grad_norm: float = 1.0
+    save_steps: int = 0
+    save_epochs: int = 0
+    save_optimizer: bool = False
+    no_timestamp: bool = False
+    use_lora: bool = False
+    lora_config_path: str | None = None
+    add_tokens: list[str] = field(default_factory=list)
+    # --- added ---
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "auto"
+    eval_data_path: list[str] = field(default_factory=list)
+    eval_steps: int = 0
+    logging_steps: int = 10
+    save_total_limit: int = 0
+    report_to: str = "none"
+    from_scratch: bool = False
+    zero_stage: int | None = None
+    optimizer: str = "adamw"
+    precision: str = "auto"
+    num_workers: int = 1
+    ignore_tokenizer_mismatch: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _split_tokens(values: list[str] | None) -> list[str]:
+    """`--add_tokens "<a>,<b>" "<c>"` -> ["<a>", "<b>", "<c>"] (commas or spaces separate)."""
+    out: list[str] = []
+    for v in values or []:
+        out.extend(t for t in v.split(",") if t.strip())
+    return [t.strip() for t in out]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainArgs()
+    p = argparse.ArgumentParser(
+        prog="trainer/train.py",
+        description="Train a causal LM on shardfmt datasets with DeepSpeed (full or LoRA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("paths")
+    g.add_argument("--model_path", required=True, help="HF model dir (weights+tokenizer, or only a "
+                   "config with --from_scratch)")
+    g.add_argument("--data_path", nargs="+", required=True, help="one or more shardfmt dataset dirs")
+    g.add_argument("--eval_data_path", nargs="+", default=[], help="shardfmt dataset dir(s) for eval")
+    g.add_argument("--output_path", required=True, help="runs go to OUTPUT/<timestamp>_<save_name>/")
+    g.add_argument("--save_name", default=d.save_name)
+    g.add_argument("--no_timestamp", action="store_true", help="run dir is OUTPUT/<save_name>/")
+    g.add_argument("--load_ckpt_path", default=None, help="resume: a run dir or a checkpoint dir")
+    g.add_argument("--deepspeed_config_path", default=None,
+                   help="DeepSpeed JSON; default: bundled trainer/configs/zero{2,3}.json")
+    g = p.add_argument_group("length of training")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--max_epochs", type=float, default=None)
+    x.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--micro_batch_size", type=int, default=d.micro_batch_size, help="samples per rank "
+                   "per forward")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
+    g.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--zero_stage", type=int, choices=(2, 3), default=None)
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--shuffle_data", action=argparse.BooleanOptionalAction, default=d.shuffle_data)
+    g.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
+    g = p.add_argument_group("model")
+    g.add_argument("--from_scratch", action="store_true", help="random init from model_path's config")
+    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=d.attn_implementation)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--use_lora", action="store_true")
+    g.add_argument("--lora_config_path", default=None, help="JSON: r, alpha, dropout, target_modules, "
+                   "modules_to_save")
+    g.add_argument("--add_tokens", nargs="*", default=[], help="special tokens to add (comma or space "
+                   "separated); tokens in the dataset manifest are added too")
+    g.add_argument("--ignore_tokenizer_mismatch", action="store_true",
+                   help="train even if the dataset was encoded with a different tokenizer")
+    g = p.add_argument_group("saving and logging")
+    g.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: off)")
+    g.add_argument("--save_epochs", type=int, default=0, help="save every N epochs (0: off)")
+    g.add_argument("--save_optimizer", action="store_true", help="also save the DeepSpeed engine "
+                   "checkpoint (optimizer, LR scheduler) for exact resume")
+    g.add_argument("--save_total_limit", type=int, default=0, help="keep the newest N (0: all)")
+    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--eval_steps", type=int, default=0, help="eval every N steps (0: only at the end)")
+    g.add_argument("--report_to", choices=REPORT_TO, default=d.report_to)
+    # The deepspeed launcher appends --local_rank=N; rank comes from the environment instead.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    ns = build_parser().parse_args(argv)
+    values = vars(ns)
+    values.pop("local_rank", None)
+    values["add_tokens"] = _split_tokens(values["add_tokens"])
+    return TrainArgs(**values)
+
+
+def _check_positive(args: TrainArgs, problems: list[str]) -> None:
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    for name in ("save_steps", "save_epochs", "save_total_limit", "eval_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    if args.weight_decay < 0:
+        problems.append(f"--weight_decay must be >= 0 (got {args.weight_decay})")
+    if args.max_grad_norm < 0:
+        problems.append(f"--max_grad_norm must be >= 0 (got {args.max_grad_norm}; 0 disables)")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        problems.append(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
+
+
+def _check_length(args: TrainArgs, problems: list[str]) -> None:
+    if args.max_epochs is None and args.max_steps is None:
+        problems.append("give one of --max_epochs or --max_steps")
+    if args.max_epochs is not None and args.max_epochs <= 0:
+        problems.append(f"--max_epochs must be > 0 (got {args.max_epochs})")
+    if args.max_steps is not None and args.max_steps < 1:
+        problems.append(f"--max_steps must be >= 1 (got {args.max_steps})")
+
+
+def _check_paths(args: TrainArgs, problems: list[str]) -> None:
+    model = Path(args.model_path)
+    if not (model / "config.json").is_file():
+        problems.append(f"--model_path {model}: no config.json there (expected a Hugging Face model dir)")
+    for flag, paths in (("--data_path", args.data_path), ("--eval_data_path", args.eval_data_path)):
+        for p in paths:
+            if not Path(p).is_dir():
+                problems.append(f"{flag} {p}: not a directory")
+            elif not (Path(p) / "manifest.json").is_file():
+                problems.append(f"{flag} {p}: no manifest.json (an unfinished or failed encode; "
+                                f"re-run the encoder, a dataset is complete only with its manifest)")
+    for flag, p in (("--deepspeed_config_path", args.deepspeed_config_path),
+                    ("--lora_config_path", args.lora_config_path)):
+        if p is not None and not Path(p).is_file():
+            problems.append(f"{flag} {p}: file not found")
+        elif p is not None:
+            try:
+                json.loads(Path(p).read_text())
+            except ValueError as e:
+                problems.append(f"{flag} {p}: not valid JSON ({e})")
+    if args.load_ckpt_path is not None and not Path(args.load_ckpt_path).exists():
+        problems.append(f"--load_ckpt_path {args.load_ckpt_path}: not found")
+
+
+def _check_combinations(args: TrainArgs, problems: list[str]) -> None:
+    if args.lora_config_path and not args.use_lora:
+        problems.append("--lora_config_path given without --use_lora (add --use_lora)")
+    if args.use_lora and args.from_scratch:
+        problems.append("--use_lora with --from_scratch trains adapters on random weights; drop one")
+    if args.eval_steps and not args.eval_data_path:
+        problems.append("--eval_steps needs --eval_data_path")
+    if args.save_total_limit and not (args.save_steps or args.save_epochs):
+        problems.append("--save_total_limit without --save_steps/--save_epochs has nothing to prune")
+    if args.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append("--attn_implementation flash_attention_2: flash_attn is not installed "
+                            "(pip install '.[flash]' on a GPU machine, or use sdpa)")
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        problems.append("--report_to tensorboard: the tensorboard package is not installed")
+    if "/" in args.save_name or not args.save_name:
+        problems.append(f"--save_name {args.save_name!r}: must be a non-empty name without '/'")
+    if args.deepspeed_config_path and args.zero_stage is not None and Path(
+            args.deepspeed_config_path).is_file():
+        try:
+            stage = json.loads(Path(args.deepspeed_config_path).read_text()).get(
+                "zero_optimization", {}).get("stage", "auto")
+        except ValueError:
+            stage = "auto"
+        if stage != "auto" and stage != args.zero_stage:
+            problems.append(f"--zero_stage {args.zero_stage} contradicts zero_optimization.stage={stage} "
+                            f"in {args.deepspeed_config_path}; drop the flag or set the stage to \"auto\"")
+
+
+def validate_args(args: TrainArgs) -> list[str]:
+    """Every problem with `args`, each naming the flag and the fix. Empty list: all good."""
+    problems: list[str] = []
+    _check_positive(args, problems)
+    _check_length(args, problems)
+    _check_paths(args, problems)
+    _check_combinations(args, problems)
+    return problems
+
+
+def parse_and_validate(argv: list[str] | None = None) -> TrainArgs:
+    args = parse_args(argv)
+    problems = validate_args(args)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        print(f"trainer: {len(problems)} problem(s) with the arguments:\n{lines}", file=sys.stderr)
+        raise SystemExit(2)
+    return args

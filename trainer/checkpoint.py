@@ -1,0 +1,187 @@
+"""Run directory, checkpoint writing (atomic, `latest` last, pruning) and resume state.
+
+Layout:
+  OUTPUT/<timestamp>_<save_name>/
+    train_log.jsonl, tensorboard/
+    checkpoints/latest                       text file naming the newest complete step_<N>
+    checkpoints/step_<N>/
+      model.safetensors + config.json        (full fine-tune; AutoModelForCausalLM.from_pretrained)
+      adapter_model.safetensors + adapter_config.json   (LoRA; PeftModel.from_pretrained)
+      tokenizer files, trainer_state.json, resolved_config.json, loss_curve.png
+      rng/rank_<r>.json                      every rank's RNG state (JSON, no pickle)
+      deepspeed/ds/...                       --save_optimizer: DeepSpeed engine checkpoint
+A checkpoint is written under checkpoints/.tmp_step_<N> and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.dist import DistInfo, barrier, broadcast_text
+
+STATE_NAME = "trainer_state.json"
+DS_DIR, DS_TAG = "deepspeed", "ds"
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def make_run_dir(output_path: str, save_name: str, no_timestamp: bool, info: DistInfo) -> Path:
+    """OUTPUT/<timestamp>_<save_name>: the timestamp is chosen on rank 0 and broadcast."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") if info.is_main else ""
+    stamp = broadcast_text(stamp, info.device)
+    run_dir = Path(output_path) / (save_name if no_timestamp else f"{stamp}_{save_name}")
+    if info.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run_dir
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir from a checkpoint dir, a run dir, or a run's checkpoints/ dir."""
+    p = Path(path)
+    if (p / STATE_NAME).is_file():
+        return p
+    for pointer in (p / "checkpoints" / "latest", p / "latest"):
+        if pointer.is_file():
+            ckpt = pointer.parent / pointer.read_text().strip()
+            if not (ckpt / STATE_NAME).is_file():
+                raise FileNotFoundError(f"--load_ckpt_path {path}: {pointer} names {ckpt.name}, "
+                                        f"which has no {STATE_NAME} (deleted or incomplete)")
+            return ckpt
+    raise FileNotFoundError(f"--load_ckpt_path {path}: neither a checkpoint dir (no {STATE_NAME}) "
+                            f"nor a run dir (no checkpoints/latest). Point it at "
+                            f"OUTPUT/<run>/ or OUTPUT/<run>/checkpoints/step_<N>/.")
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_NAME).read_text())
+
+
+# ---------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                       float(np_state[4])],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def load_rng(ckpt: Path, rank: int) -> bool:
+    path = ckpt / "rng" / f"rank_{rank}.json"
+    if not path.is_file():
+        return False
+    set_rng_state(json.loads(path.read_text()))
+    return True
+
+
+# ---------------------------------------------------------------------------------- saving
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_hf_weights(engine, tmp: Path, info: DistInfo, zero3: bool) -> None:
+    """HF safetensors (model or PEFT adapter). ZeRO-3: gathered 16-bit weights (all ranks gather)."""
+    module = engine.module
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if info.is_main:
+        kwargs = {"state_dict": state_dict} if zero3 else {}
+        module.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+
+
+def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    if eval_history:
+        ax.plot([h["step"] for h in eval_history], [h["eval_loss"] for h in eval_history], "o-",
+                label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over loss tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
+                    info: DistInfo, zero3: bool, save_optimizer: bool, use_lora: bool,
+                    save_total_limit: int) -> Path:
+    """Write checkpoints/step_<step>/ completely, then rename it into place and update `latest`.
+
+    Must be called on every rank (ZeRO gathers and engine shards are collective).
+    """
+    ckpt_root = run_dir / "checkpoints"
+    tmp = ckpt_root / f".tmp_step_{step}"
+    final = ckpt_root / f"step_{step}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    save_hf_weights(engine, tmp, info, zero3)
+    if save_optimizer:
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={"step": step},
+                               exclude_frozen_parameters=use_lora)
+    _write_json(tmp / "rng" / f"rank_{info.rank}.json", rng_state())
+    barrier()
+    if info.is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_json(tmp / "resolved_config.json", resolved)
+        plot_loss_curve(state["loss_history"], state.get("eval_history", []), tmp / "loss_curve.png")
+        _write_json(tmp / STATE_NAME, state)  # last file inside the checkpoint
+        if final.exists():
+            trash = ckpt_root / f".trash_step_{step}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = ckpt_root / ".latest.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, ckpt_root / "latest")  # written last
+        if save_total_limit:
+            prune_checkpoints(ckpt_root, save_total_limit)
+    barrier()
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
+             if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
+    doomed = [p for p in list_checkpoints(ckpt_root)[:-keep] if p.name != latest]
+    for p in doomed:
+        trash = p.with_name(".trash_" + p.name)
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed

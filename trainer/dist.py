@@ -1,0 +1,84 @@
+"""Process-group set-up from the launcher's environment (deepspeed, torchrun, or plain python)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from RANK/LOCAL_RANK/WORLD_SIZE; a lone process is 0/0/1.
+
+    Never derived from the number of local devices (that breaks on a second node).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not 0 <= rank < world:
+        raise RuntimeError(f"launcher environment: RANK={rank} out of range for WORLD_SIZE={world}")
+    return rank, local_rank, world
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU."""
+    import deepspeed
+    rank, local_rank, world = launcher_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(rank, local_rank, world, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_text(text: str, device: torch.device, src: int = 0, max_bytes: int = 1024) -> str:
+    """Rank `src`'s string on every rank (sent as bytes in a tensor; no pickling)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return text
+    buf = torch.zeros(max_bytes + 1, dtype=torch.uint8, device=device)
+    raw = text.encode("utf-8")[:max_bytes]
+    buf[0] = 0
+    buf[1:1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    length = torch.tensor([len(raw)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=src)
+    dist.broadcast(buf, src=src)
+    return bytes(buf[1:1 + int(length)].tolist()).decode("utf-8")

@@ -1,0 +1,209 @@
+"""Tokenizer, model and LoRA set-up, and the data-vs-model checks that must pass before step 1."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from shardfmt import vocab_hash
+
+log = logging.getLogger("trainer")
+
+# Attention/MLP projections of Llama, Qwen2/3, Mistral, Gemma (default LoRA targets).
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": DEFAULT_LORA_TARGETS,
+                "modules_to_save": None}
+
+
+class DataModelMismatch(ValueError):
+    """The dataset does not fit the model/tokenizer (raised before step 1)."""
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """auto: flash_attention_2 when flash_attn is installed and a GPU is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside the model, or None (warned) when there is none (--from_scratch)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no tokenizer loadable from %s (%s): checkpoints will hold no tokenizer and the "
+                    "tokenizer/data check is skipped", path, e)
+        return None
+
+
+def manifest_added_tokens(manifests: list[dict]) -> dict[str, int]:
+    """Added tokens the encoder's tokenizer had, {token: id}, merged over all datasets."""
+    added: dict[str, int] = {}
+    for m in manifests:
+        for tok, i in (m.get("tokenizer") or {}).get("added_tokens", {}).items():
+            added[tok] = int(i)
+    return added
+
+
+def add_special_tokens(tokenizer, tokens: list[str]) -> list[int]:
+    """Add `tokens` (in order) as special tokens, keeping every existing token and special token.
+
+    Returns the ids of the tokens that were new to the tokenizer.
+    """
+    from tokenizers import AddedToken
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new],
+                             special_tokens=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in new]
+
+
+def add_manifest_tokens(tokenizer, manifest_tokens: dict[str, int]) -> list[int]:
+    """Add the encoder's added tokens in id order; each must land on the id the data uses."""
+    ordered = [t for t, _ in sorted(manifest_tokens.items(), key=lambda kv: kv[1])]
+    new = add_special_tokens(tokenizer, ordered)
+    wrong = {t: (i, tokenizer.convert_tokens_to_ids(t)) for t, i in manifest_tokens.items()
+             if tokenizer.convert_tokens_to_ids(t) != i}
+    if wrong:
+        detail = ", ".join(f"{t!r}: data id {a}, tokenizer id {b}" for t, (a, b) in wrong.items())
+        raise DataModelMismatch(
+            f"added tokens disagree between the dataset manifest and the tokenizer ({detail}). "
+            f"Train from the tokenizer the encoder used (save it beside the model) or re-encode.")
+    return new
+
+
+def check_tokenizer_matches(tokenizer, manifests: list[dict], data_paths: list[str],
+                            accepted_hashes: set[str], ignore: bool) -> None:
+    """Each manifest's vocab hash must be one of the model tokenizer's: as loaded, with the
+    manifest's added tokens, or with --add_tokens too."""
+    if tokenizer is None:
+        return
+    ours = set(accepted_hashes) | {vocab_hash(tokenizer.get_vocab())}
+    for path, m in zip(data_paths, manifests):
+        info = m.get("tokenizer") or {}
+        theirs = info.get("vocab_hash")
+        if theirs is None:
+            log.warning("%s: manifest records no tokenizer vocab_hash; cannot check it matches", path)
+        elif theirs not in ours:
+            msg = (f"{path} was encoded with tokenizer {info.get('path')!r} (vocab_hash {theirs}, "
+                   f"len {info.get('len')}), which differs from the model's tokenizer (len "
+                   f"{len(tokenizer)}, vocab_hash {sorted(h for h in ours if h)}). Re-encode with "
+                   f"the model's tokenizer, or pass --ignore_tokenizer_mismatch if you are sure.")
+            if not ignore:
+                raise DataModelMismatch(msg)
+            log.warning("IGNORED (--ignore_tokenizer_mismatch): %s", msg)
+
+
+def check_data_fits_model(*, max_token_id: int, max_length: int, embedding_rows: int,
+                          max_positions: int | None, flag: str) -> None:
+    """Token ids must index the embedding; samples must fit the position table."""
+    if max_token_id >= embedding_rows:
+        raise DataModelMismatch(
+            f"{flag}: largest token id {max_token_id} >= embedding rows {embedding_rows}; the data "
+            f"was encoded with a bigger vocabulary than the model has. Use the encoder's tokenizer "
+            f"(its added tokens are added automatically) or re-encode with this model's tokenizer.")
+    if max_positions is not None and max_length > max_positions:
+        raise DataModelMismatch(
+            f"{flag}: samples up to {max_length} tokens but the model has {max_positions} positions "
+            f"(max_position_embeddings); re-encode with --max_length <= {max_positions}.")
+
+
+def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_implementation: str):
+    """AutoModelForCausalLM from weights, or random init from config (--from_scratch).
+
+    Under ZeRO-3 the caller must hold an HfDeepSpeedConfig so parameters load partitioned.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if from_scratch:
+        config = AutoConfig.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model
+
+
+def resize_embeddings(model, new_rows: int) -> None:
+    """Grow input and output embeddings (tied or not) to `new_rows`, new rows mean-initialised."""
+    if new_rows > model.get_input_embeddings().weight.shape[0] or (
+            new_rows > model.config.vocab_size):
+        model.resize_token_embeddings(new_rows, mean_resizing=True)
+
+
+def embedding_rows(model) -> int:
+    emb = model.get_input_embeddings()
+    ds_shape = getattr(emb.weight, "ds_shape", None)  # ZeRO-3 partitioned parameter
+    return int(ds_shape[0] if ds_shape is not None else emb.weight.shape[0])
+
+
+def _module_name(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.split(".")[-1]
+    raise ValueError("module not found in model")
+
+
+def lora_settings(lora_config_path: str | None) -> dict:
+    """LoRA JSON (r, alpha|lora_alpha, dropout|lora_dropout, target_modules, modules_to_save, ...)."""
+    cfg = dict(DEFAULT_LORA)
+    if lora_config_path:
+        user = json.loads(Path(lora_config_path).read_text())
+        aliases = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+        for key, value in user.items():
+            cfg[aliases.get(key, key)] = value
+    return cfg
+
+
+def apply_lora(model, settings: dict, new_token_ids: list[int], *, zero3: bool = False):
+    """Wrap `model` with a fresh LoRA adapter; new token rows trained too (tied or untied heads)."""
+    from peft import LoraConfig, get_peft_model
+    cfg = dict(settings)
+    if new_token_ids and not cfg.get("modules_to_save") and not cfg.get("trainable_token_indices"):
+        emb_name = _module_name(model, model.get_input_embeddings())
+        if model.config.tie_word_embeddings:
+            cfg["trainable_token_indices"] = {emb_name: list(new_token_ids)}
+        else:  # untied head: train both whole matrices (rows alone cannot be selected on lm_head)
+            cfg["modules_to_save"] = [emb_name, _module_name(model, model.get_output_embeddings())]
+    if cfg.get("trainable_token_indices") and zero3 and not torch.cuda.is_available():
+        raise ValueError(
+            "--use_lora with new tokens under ZeRO-3 on CPU: peft's trainable_token_indices gathers "
+            "ZeRO-3 rows on CUDA only (peft 0.21). Use --zero_stage 2 on CPU, or list the embedding "
+            "modules in modules_to_save in --lora_config_path.")
+    cfg.setdefault("task_type", "CAUSAL_LM")
+    peft_model = get_peft_model(model, LoraConfig(**cfg))
+    return peft_model
+
+
+def load_lora(model, adapter_dir: str):
+    """Resume: re-attach a saved adapter as trainable."""
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+
+
+def enable_gradient_checkpointing(model, use_lora: bool) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if use_lora:
+        model.enable_input_require_grads()
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,79 @@
+"""Optimizers (AdamW, Lion) with weight-decay groups, and the warmup + decay LR schedule."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): sign of an
+    interpolated momentum; decoupled weight decay. Plain torch, runs on CPU and GPU."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = exp_avg.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; no decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params keep their shape here
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    if name == "lion":
+        return Lion(groups, lr=lr, betas=(0.9, 0.99))
+    raise ValueError(f"--optimizer {name!r}: expected adamw or lion")
+
+
+def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak LR after `step` optimizer steps: linear warmup, then constant,
+    linear decay to 0 or cosine decay to 0 at `total_steps`."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, warmup_ratio: float,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Deterministic in the step count, so it can be rebuilt at any step (resume)."""
+    warmup = int(round(warmup_ratio * total_steps))
+    fn = functools.partial(lr_factor, kind=kind, warmup_steps=warmup, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

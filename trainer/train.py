@@ -1,0 +1,406 @@
+"""Train a causal LM on shardfmt datasets with DeepSpeed (full fine-tune or LoRA).
+
+    deepspeed --num_gpus 2 trainer/train.py --model_path M --data_path D --output_path OUT --max_steps 100
+    torchrun --nproc_per_node 2 trainer/train.py ...        python trainer/train.py ...   (1 process)
+
+Loss: sum of per-token cross-entropies over the loss tokens of the whole global batch (all
+micro-steps and ranks) divided by the global loss-token count, all-reduced before the first backward.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    _root = str(Path(__file__).resolve().parent.parent)
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, _root)
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from trainer.args import TrainArgs, parse_and_validate
+
+log = logging.getLogger("trainer")
+
+
+class SetupError(RuntimeError):
+    """A problem found before step 1; printed without a traceback."""
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    consumed_samples: int = 0
+    loss_history: list[dict] = field(default_factory=list)
+    eval_history: list[dict] = field(default_factory=list)
+
+
+def token_loss_sum(logits, labels):
+    """Sum of next-token cross-entropies over labels != -100 (fp32)."""
+    import torch.nn.functional as F
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                           shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def total_steps_for(args: TrainArgs, num_samples: int, global_batch: int) -> int:
+    """--max_steps, or floor(max_epochs * samples / global batch) (the last partial batch dropped)."""
+    if args.max_steps is not None:
+        return args.max_steps
+    return max(1, int(args.max_epochs * num_samples // global_batch))
+
+
+def _precision_name(dtype) -> str:
+    import torch
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical random init (--from_scratch, LoRA, new embedding rows)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+class Trainer:
+    """Holds everything built before step 1; `run()` is the loop."""
+
+    def __init__(self, args: TrainArgs):
+        from shardfmt import GlobalSampler, open_dataset, vocab_hash
+        from transformers import AutoConfig
+
+        from trainer import checkpoint as ckpt_mod
+        from trainer import ds_config as dsc
+        from trainer import model as mdl
+        from trainer.dist import init_distributed
+
+        self.args = args
+        self.info = init_distributed()
+        info = self.info
+        _seed_everything(args.seed)
+        self.ckpt = ckpt_mod.resolve_checkpoint(args.load_ckpt_path) if args.load_ckpt_path else None
+        self.ckpt_state = ckpt_mod.read_state(self.ckpt) if self.ckpt else None
+
+        # ---- data
+        self.train_ds = open_dataset(args.data_path)
+        self.eval_ds = open_dataset(args.eval_data_path) if args.eval_data_path else None
+        manifests = self.train_ds.manifests + (self.eval_ds.manifests if self.eval_ds else [])
+        data_paths = list(args.data_path) + list(args.eval_data_path)
+
+        # ---- tokenizer (from the checkpoint on resume: it holds the added tokens)
+        tok_src = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else args.model_path
+        self.tokenizer = mdl.load_tokenizer(tok_src)
+        self.new_token_ids: list[int] = []
+        self.tokenizer_hashes: list[str] = []
+        if self.tokenizer is not None:
+            # accepted: the tokenizer as loaded, + manifest tokens, + --add_tokens, and on resume
+            # whatever the original run accepted (the checkpoint's tokenizer already has them all)
+            hashes = {vocab_hash(self.tokenizer.get_vocab())}
+            hashes |= set((self.ckpt_state or {}).get("tokenizer_hashes", []))
+            self.new_token_ids = mdl.add_manifest_tokens(self.tokenizer,
+                                                         mdl.manifest_added_tokens(manifests))
+            hashes.add(vocab_hash(self.tokenizer.get_vocab()))
+            self.new_token_ids += mdl.add_special_tokens(self.tokenizer, args.add_tokens)
+            hashes.add(vocab_hash(self.tokenizer.get_vocab()))
+            self.tokenizer_hashes = sorted(hashes)
+            mdl.check_tokenizer_matches(self.tokenizer, manifests, data_paths, hashes,
+                                        args.ignore_tokenizer_mismatch)
+        elif args.add_tokens:
+            raise SetupError(f"--add_tokens needs a tokenizer, but none loads from {tok_src}")
+        pad = None if self.tokenizer is None else self.tokenizer.pad_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+
+        # ---- precision, attention, DeepSpeed config
+        self.dtype = mdl.resolve_precision(args.precision)
+        self.attn = mdl.resolve_attn_implementation(args.attn_implementation)
+        self.flatten = self.attn == "flash_attention_2"
+        self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
+        self.total_steps = total_steps_for(args, len(self.train_ds), self.global_batch)
+        model_cfg = AutoConfig.from_pretrained(args.model_path)
+        raw, cfg_path = dsc.read_config(args)
+        values = dsc.auto_values(args, world_size=info.world_size,
+                                 precision=_precision_name(self.dtype),
+                                 hidden_size=int(getattr(model_cfg, "hidden_size", 1024)))
+        self.ds_config = dsc.resolve_config(raw, cfg_path, values)
+        self.zero3 = dsc.zero_stage_of(self.ds_config) == 3
+        self._hf_ds = None
+        if self.zero3:  # before from_pretrained: load partitioned; keep the reference alive
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+
+        # ---- model
+        model_src = str(self.ckpt) if self.ckpt and not args.use_lora else args.model_path
+        model = mdl.load_model(model_src, from_scratch=args.from_scratch and self.ckpt is None,
+                               dtype=self.dtype, attn_implementation=self.attn)
+        if self.tokenizer is not None:
+            mdl.resize_embeddings(model, len(self.tokenizer))
+        self._check_data(model)
+        if args.gradient_checkpointing:
+            mdl.enable_gradient_checkpointing(model, args.use_lora)
+        self.lora_settings = mdl.lora_settings(args.lora_config_path) if args.use_lora else None
+        if args.use_lora:
+            model = (mdl.load_lora(model, str(self.ckpt)) if self.ckpt
+                     else mdl.apply_lora(model, self.lora_settings, self.new_token_ids, zero3=self.zero3))
+            if info.is_main:
+                model.print_trainable_parameters()
+
+        # ---- optimizer, schedule, engine
+        self.engine = self._build_engine(model)
+
+        # ---- state and data position
+        self.state = RunState()
+        self.sampler = GlobalSampler(len(self.train_ds), seed=args.seed, shuffle=args.shuffle_data)
+        if self.ckpt is not None:
+            self._restore()
+        self.run_dir = ckpt_mod.make_run_dir(args.output_path, args.save_name, args.no_timestamp, info)
+
+    # ------------------------------------------------------------------------------ set-up parts
+    def _check_data(self, model) -> None:
+        from trainer import model as mdl
+        rows = mdl.embedding_rows(model)
+        for flag, ds in (("--data_path", self.train_ds), ("--eval_data_path", self.eval_ds)):
+            if ds is None:
+                continue
+            lengths = ds.sample_lengths()
+            mdl.check_data_fits_model(max_token_id=ds.max_token_id,
+                                      max_length=int(lengths.max()) if len(lengths) else 0,
+                                      embedding_rows=rows, max_positions=mdl.max_positions(model),
+                                      flag=flag)
+
+    def _build_engine(self, model):
+        import deepspeed
+
+        from trainer.optim import build_optimizer, build_scheduler
+        a = self.args
+        optimizer = build_optimizer(model, a.optimizer, a.learning_rate, a.weight_decay)
+        self.scheduler = build_scheduler(optimizer, kind=a.lr_scheduler, warmup_ratio=a.warmup_ratio,
+                                         total_steps=self.total_steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=self.scheduler, config=self.ds_config)
+        return engine
+
+    def _restore(self) -> None:
+        from trainer.checkpoint import DS_DIR, DS_TAG, load_rng
+        st, ckpt, info = self.ckpt_state, self.ckpt, self.info
+        self.sampler.check_compatible(st["sampler"])
+        has_optimizer = (ckpt / DS_DIR / DS_TAG).is_dir()
+        universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal", False))
+        if has_optimizer and st["world_size"] != info.world_size and not universal:
+            raise SetupError(
+                f"--load_ckpt_path {ckpt}: its optimizer state was saved by {st['world_size']} ranks "
+                f"and ZeRO shards cannot be loaded by {info.world_size}. Either relaunch with "
+                f"{st['world_size']} ranks; or convert it with DeepSpeed's ds_to_universal.py "
+                f"(--input_folder {ckpt / DS_DIR / DS_TAG}) and add \"checkpoint\": "
+                f"{{\"load_universal\": true}} to the DeepSpeed config; or move {ckpt / DS_DIR} away "
+                f"to resume weights + data position + LR schedule with fresh optimizer moments.")
+        if has_optimizer:
+            self.engine.load_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG,
+                                        load_module_strict=not self.args.use_lora,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            self.scheduler.last_epoch = st["step"] - 1
+            self.scheduler.step()  # LR = schedule(step), never restarted
+            if info.is_main:
+                bar = "!" * 100
+                log.warning("\n%s\nRESUMING WITHOUT OPTIMIZER STATE: %s has no DeepSpeed engine "
+                            "checkpoint (train with --save_optimizer). Weights, data position and LR "
+                            "schedule (step %d) are restored; optimizer moments start from zero.\n%s",
+                            bar, ckpt, st["step"], bar)
+        if st["world_size"] != info.world_size and info.is_main:
+            log.warning("resuming a %d-rank run on %d ranks: the data order continues exactly; the "
+                        "global batch is now %d (was %d)", st["world_size"], info.world_size,
+                        self.global_batch, st.get("global_batch", -1))
+        if st.get("total_steps") not in (None, self.total_steps) and info.is_main:
+            log.warning("total steps changed from %s to %d: the LR schedule changes shape",
+                        st.get("total_steps"), self.total_steps)
+        self.state = RunState(step=st["step"], consumed_samples=st["consumed_samples"],
+                              loss_history=list(st.get("loss_history", [])),
+                              eval_history=list(st.get("eval_history", [])))
+        self._rng_restored = load_rng(ckpt, info.rank)
+        if not self._rng_restored and info.is_main:
+            log.warning("no RNG state for rank %d in %s; dropout streams differ from the "
+                        "uninterrupted run", info.rank, ckpt)
+
+    # ------------------------------------------------------------------------------ the loop
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
+        """One optimizer step over `gas` micro-batches; returns (global mean loss, global loss tokens)."""
+        from trainer.data import count_loss_tokens, model_inputs
+        from trainer.dist import all_reduce_sum
+        info, engine = self.info, self.engine
+        local_count = sum(count_loss_tokens(b) for b in micro_batches)
+        (global_count,) = all_reduce_sum([local_count], info.device)
+        # DeepSpeed averages gradients over ranks; scale_wrt_gas=False stops the 1/gas division.
+        scale = info.world_size / max(global_count, 1.0)
+        local_sum = 0.0
+        for batch in micro_batches:
+            out = engine(**model_inputs(batch, self.attn, self.dtype, info.device))
+            loss_sum = token_loss_sum(out.logits, batch["labels"].to(info.device))
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            engine.step()
+            local_sum += float(loss_sum.detach())
+        (global_sum,) = all_reduce_sum([local_sum], info.device)
+        return global_sum / max(global_count, 1.0), int(global_count)
+
+    def evaluate(self) -> dict:
+        import torch
+
+        from trainer.data import eval_batches, eval_shard
+        from trainer.dist import all_reduce_sum
+        info, engine = self.info, self.engine
+        shard = eval_shard(len(self.eval_ds), info.rank, info.world_size, self.args.micro_batch_size)
+        total, count = 0.0, 0
+        engine.eval()
+        with torch.no_grad():
+            from trainer.data import count_loss_tokens, model_inputs
+            for batch in eval_batches(self.eval_ds, shard, micro_batch_size=self.args.micro_batch_size,
+                                      pad_id=self.pad_id, flatten=self.flatten):
+                out = engine(**model_inputs(batch, self.attn, self.dtype, info.device))
+                total += float(token_loss_sum(out.logits, batch["labels"].to(info.device)))
+                count += count_loss_tokens(batch)
+        engine.train()
+        total, count = all_reduce_sum([total, count], info.device)
+        loss = total / max(count, 1.0)
+        return {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                "eval_loss_tokens": int(count)}
+
+    def trainer_state(self) -> dict:
+        s = self.state
+        return {"step": s.step, "epoch": s.consumed_samples / len(self.train_ds),
+                "consumed_samples": s.consumed_samples,
+                "sampler": self.sampler.state_dict(s.consumed_samples),
+                "world_size": self.info.world_size, "global_batch": self.global_batch,
+                "total_steps": self.total_steps, "loss_history": s.loss_history,
+                "eval_history": s.eval_history, "args": self.args.to_dict(),
+                "resumed_from": str(self.ckpt) if self.ckpt else None,
+                "tokenizer_hashes": self.tokenizer_hashes,
+                "has_optimizer_state": self.args.save_optimizer}
+
+    def resolved_config(self) -> dict:
+        return {"args": self.args.to_dict(), "deepspeed_config": self.ds_config,
+                "world_size": self.info.world_size, "global_batch": self.global_batch,
+                "total_steps": self.total_steps, "precision": _precision_name(self.dtype),
+                "attn_implementation": self.attn, "zero_stage": 3 if self.zero3 else
+                self.ds_config.get("zero_optimization", {}).get("stage"),
+                "lora": self.lora_settings, "added_token_ids": self.new_token_ids,
+                "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None}
+
+    def save(self) -> Path:
+        from trainer.checkpoint import save_checkpoint
+        return save_checkpoint(engine=self.engine, tokenizer=self.tokenizer, run_dir=self.run_dir,
+                               step=self.state.step, state=self.trainer_state(),
+                               resolved=self.resolved_config(), info=self.info, zero3=self.zero3,
+                               save_optimizer=self.args.save_optimizer, use_lora=self.args.use_lora,
+                               save_total_limit=self.args.save_total_limit)
+
+    def _should_save(self, consumed_before: int) -> bool:
+        a, n = self.args, len(self.train_ds)
+        by_steps = a.save_steps and self.state.step % a.save_steps == 0
+        by_epochs = a.save_epochs and (consumed_before // n) // a.save_epochs < (
+            self.state.consumed_samples // n) // a.save_epochs
+        return bool(by_steps or by_epochs)
+
+    def run(self) -> RunState:
+        from trainer.data import train_loader
+        from trainer.metrics import Reporter
+        a, info, st = self.args, self.info, self.state
+        loader = train_loader(self.train_ds, self.sampler, start=st.consumed_samples, rank=info.rank,
+                              world_size=info.world_size, micro_batch_size=a.micro_batch_size,
+                              pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
+                              seed=a.seed)
+        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
+                       initial_step=st.step, tensorboard=a.report_to == "tensorboard")
+        if info.is_main:
+            log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
+                     self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
+                     _precision_name(self.dtype), self.attn, 3 if self.zero3 else 2)
+        batches = iter(loader)
+        window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
+        saved_at = -1
+        while st.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(a.gradient_accumulation_steps)]
+            local_tokens = sum(b["num_tokens"] for b in micro)
+            loss, count = self.train_step(micro)
+            dt = time.perf_counter() - t0
+            consumed_before = st.consumed_samples
+            st.step += 1
+            st.consumed_samples += self.global_batch
+            lr = float(self.engine.get_lr()[0])
+            st.loss_history.append({"step": st.step, "loss": loss, "lr": lr})
+            window["loss_sum"] += loss * count
+            window["count"] += count
+            window["tokens"] += local_tokens
+            window["loss_tokens"] += count / info.world_size
+            window["time"] += dt
+            window["steps"] += 1
+            rep.step(loss, lr, local_tokens / max(dt, 1e-9))
+            if st.step % a.logging_steps == 0 or st.step == self.total_steps:
+                grad_norm = self.engine.get_global_grad_norm()
+                rep.log({"step": st.step, "epoch": st.consumed_samples / len(self.train_ds),
+                         "loss": window["loss_sum"] / max(window["count"], 1), "lr": lr,
+                         "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
+                         "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
+                         "samples_seen": st.consumed_samples})
+                window = dict.fromkeys(window, 0)
+            if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
+                self._eval_and_log(rep)
+            if self._should_save(consumed_before):
+                self.save()
+                saved_at = st.step
+        if self.eval_ds is not None and not (a.eval_steps and st.step % a.eval_steps == 0):
+            self._eval_and_log(rep)
+        if saved_at != st.step:
+            self.save()
+        rep.close()
+        return st
+
+    def _eval_and_log(self, rep) -> None:
+        result = self.evaluate()
+        self.state.eval_history.append(result)
+        rep.log(result)
+        rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} "
+                  f"ppl {result['eval_ppl']:.2f}")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_and_validate(argv)
+    _setup_logging()
+    from shardfmt import IncompleteDatasetError
+
+    from trainer.model import DataModelMismatch
+    try:
+        trainer = Trainer(args)
+    except (SetupError, DataModelMismatch, IncompleteDatasetError, FileNotFoundError, ValueError) as e:
+        print(f"trainer: error before step 1: {e}", file=sys.stderr)
+        return 2
+    trainer.run()
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
