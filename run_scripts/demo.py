@@ -6,7 +6,8 @@
 Every step is a real call of the real programs, exactly as a user would type them:
   1. data      the template generator plugin turns a template and lists of names, topics and days
                into every combination; 1 in 8 combinations is held out for the final check.
-  2. tokenizer a small byte-level BPE trained in-process with the `tokenizers` library.
+  2. tokenizer a small byte-level BPE trained in-process with the `tokenizers` library (on the
+               prompts as the alpaca template renders them).
   3. model     a tiny Llama (2 layers, hidden 64, ~0.1M parameters) built from a config.
   4. encode    python encoder/main.py ... --merge_data      (packed qa shards + manifest)
   5. train     deepspeed --num_gpus 2 trainer/train.py ...  (2 CPU ranks, ZeRO-2, checkpoint mid-way)
@@ -55,8 +56,10 @@ def train_tokenizer(out: Path) -> Path:
     sys.path.insert(0, str(ROOT / "encoder" / "user_data_loader"))
     from template_generator import data_loader  # the same plugin the encoder will run
 
-    texts = [f"{r['q']}\n{r['a']}" for r in data_loader(template=str(TASK / "template.txt"),
-                                                         params=str(TASK / "params.json"))]
+    from encoder.templates import ALPACA_SYSTEM  # the prompt preamble of --template alpaca
+    texts = [f"{ALPACA_SYSTEM}\n\n### Instruction:\n{r['q']}\n\n### Response:\n{r['a']}"
+             for r in data_loader(template=str(TASK / "template.txt"),
+                                  params=str(TASK / "params.json"))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -116,7 +119,8 @@ def main() -> None:
     step("4. encode (packed)")
     run([PY, "encoder/main.py", "--tokenizer_path", tokenizer_dir, "--data_loader_path", plugin,
          "--data_loader_args", *plugin_args, "holdout_every=8", "split=train",
-         "--corpus_name", "emails", "--encode_type", "qa", "--output_path", out / "data",
+         "--corpus_name", "emails", "--encode_type", "qa", "--template", "alpaca",
+         "--output_path", out / "data",
          "--max_length", 256, "--merge_data", "--plot"], env=env)
     run([PY, "-m", "shardfmt", "inspect", out / "data" / "emails", "--show", 1], env=env)
 
@@ -124,7 +128,7 @@ def main() -> None:
     run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", 2, "trainer/train.py",
          "--model_path", model_dir, "--data_path", out / "data" / "emails",
          "--output_path", out / "runs", "--save_name", "emails", "--no_timestamp",
-         "--max_steps", steps, "--micro_batch_size", 2, "--gradient_accumulation_steps", 1,
+         "--max_steps", steps, "--micro_batch_size", 4, "--gradient_accumulation_steps", 1,
          "--learning_rate", 3e-3, "--warmup_ratio", 0.05, "--lr_scheduler", "linear",
          "--save_steps", steps // 2, "--logging_steps", 20, "--zero_stage", 2], env=env)
     run_dir = out / "runs" / "emails"

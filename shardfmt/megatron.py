@@ -173,6 +173,11 @@ class MegatronDataset:
         self.__dict__.update(state)
 
     # -- summary -------------------------------------------------------------------------------
+    @property
+    def manifests(self) -> list[dict]:
+        """No shardfmt manifest: Megatron data carries no tokenizer identity or template."""
+        return []
+
     def __len__(self) -> int:
         return self.num_sequences
 

@@ -7,7 +7,8 @@ Layout:
     checkpoints/step_<N>/
       model.safetensors + config.json        (full fine-tune; AutoModelForCausalLM.from_pretrained)
       adapter_model.safetensors + adapter_config.json   (LoRA; PeftModel.from_pretrained)
-      tokenizer files, trainer_state.json, resolved_config.json, loss_curve.png
+      tokenizer files, trainer_state.json, resolved_config.json, loss_curve.png,
+      prompt_format.json                     the data's template + special-token policy
       rng/rank_<r>.json                      every rank's RNG state (JSON, no pickle)
       deepspeed/ds/...                       --save_optimizer: DeepSpeed engine checkpoint
 A checkpoint is written under checkpoints/.tmp_step_<N> and renamed when complete.
@@ -29,6 +30,7 @@ import torch
 from trainer.dist import DistInfo, barrier, broadcast_text
 
 STATE_NAME = "trainer_state.json"
+PROMPT_FORMAT = "prompt_format.json"
 DS_DIR, DS_TAG = "deepspeed", "ds"
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -63,6 +65,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_NAME).read_text())
+
+
+def prompt_format_of(manifests: list[dict]) -> dict | None:
+    """The training data's prompt format (encoder metadata) from the first qa/chat manifest."""
+    for m in manifests:
+        meta = m.get("metadata", {})
+        enc = meta.get("encoder", {})
+        if m.get("encode_type") in ("qa", "chat") and enc.get("template"):
+            return {"encode_type": m["encode_type"], "template": enc["template"],
+                    "max_length": m.get("max_length"),
+                    "special_tokens": meta.get("special_tokens")}
+    return None
 
 
 # ---------------------------------------------------------------------------------- RNG state
@@ -132,7 +146,7 @@ def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -
 
 def save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
                     info: DistInfo, zero3: bool, save_optimizer: bool, use_lora: bool,
-                    save_total_limit: int) -> Path:
+                    save_total_limit: int, prompt_format: dict | None = None) -> Path:
     """Write checkpoints/step_<step>/ completely, then rename it into place and update `latest`.
 
     Must be called on every rank (ZeRO gathers and engine shards are collective).
@@ -154,6 +168,8 @@ def save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / "resolved_config.json", resolved)
+        if prompt_format:  # for trainer.generate / trainer.export: format prompts like the data
+            _write_json(tmp / PROMPT_FORMAT, prompt_format)
         plot_loss_curve(state["loss_history"], state.get("eval_history", []), tmp / "loss_curve.png")
         _write_json(tmp / STATE_NAME, state)  # last file inside the checkpoint
         if final.exists():

@@ -30,9 +30,8 @@ if __package__ in (None, ""):  # `python trainer/export.py` as well as `python -
 
 import torch
 
-from trainer.checkpoint import DS_DIR, DS_TAG, read_state, resolve_checkpoint
+from trainer.checkpoint import DS_DIR, DS_TAG, PROMPT_FORMAT, read_state, resolve_checkpoint
 
-PROMPT_FORMAT = "prompt_format.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -99,6 +99,7 @@ class Trainer:
         self.train_ds = open_dataset(args.data_path)
         self.eval_ds = open_dataset(args.eval_data_path) if args.eval_data_path else None
         manifests = self.train_ds.manifests + (self.eval_ds.manifests if self.eval_ds else [])
+        self.prompt_format = ckpt_mod.prompt_format_of(manifests)
         data_paths = list(args.data_path) + list(args.eval_data_path)
 
         # ---- tokenizer (from the checkpoint on resume: it holds the added tokens)
@@ -304,7 +305,8 @@ class Trainer:
                                step=self.state.step, state=self.trainer_state(),
                                resolved=self.resolved_config(), info=self.info, zero3=self.zero3,
                                save_optimizer=self.args.save_optimizer, use_lora=self.args.use_lora,
-                               save_total_limit=self.args.save_total_limit)
+                               save_total_limit=self.args.save_total_limit,
+                               prompt_format=self.prompt_format)
 
     def _should_save(self, consumed_before: int) -> bool:
         a, n = self.args, len(self.train_ds)
