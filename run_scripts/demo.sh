@@ -7,9 +7,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash run_scripts/setup_venv.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# DeepSpeed JIT-builds a small CPU op once (~20 s); a cache private to the venv, with the venv's own
-# ninja first on PATH, keeps it from being rebuilt on every run.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.venv/torch_extensions}"
-export PATH="$root/.venv/bin:$PATH"
+source run_scripts/env.sh
 exec .venv/bin/python run_scripts/demo.py "$@"

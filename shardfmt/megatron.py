@@ -42,6 +42,7 @@ import numpy as np
 
 from shardfmt.reader import CorruptShardError, Sample
 from shardfmt.spec import CODE_TO_DTYPE, DTYPE_CODES
+from shardfmt.writer import fsync_dir
 
 __all__ = ["MEGATRON_MAGIC", "MegatronDataset", "MegatronExport", "open_megatron",
            "export_megatron"]
@@ -501,7 +502,7 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
                                  f"{num_tokens * out_dtype.itemsize}")
         os.replace(bin_tmp, bin_path)
         os.replace(idx_tmp, idx_path)  # the index last: a pair with an .idx is complete
-        _fsync_dir(idx_path.parent)
+        fsync_dir(idx_path.parent)
     except BaseException:
         bin_tmp.unlink(missing_ok=True)
         idx_tmp.unlink(missing_ok=True)
@@ -517,10 +518,3 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
                           num_documents=num_docs, num_tokens=num_tokens,
                           loss_mask_dropped=masks_dropped)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -194,6 +194,19 @@ def _check_shard(shard: _ShardFiles) -> None:
     shard.header = h
 
 
+def _locate(starts: list[int], i: int) -> tuple[int, int]:
+    """(part k, index inside part k) of global index `i` (negative counts from the end), given
+    `starts[k]` = global index of part k's first item and `starts[-1]` = the total."""
+    i = operator.index(i)
+    n = starts[-1]
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
+    k = bisect.bisect_right(starts, i) - 1
+    return k, i - starts[k]
+
+
 class Dataset:
     """Samples of one or more dataset directories, concatenated in the order given."""
 
@@ -254,14 +267,7 @@ class Dataset:
     # -- access --------------------------------------------------------------------------------
     def locate(self, i: int) -> tuple[int, int]:
         """Global index -> (shard number, index inside that shard)."""
-        i = operator.index(i)
-        n = self._starts[-1]
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
-        k = bisect.bisect_right(self._starts, i) - 1
-        return k, i - self._starts[k]
+        return _locate(self._starts, i)
 
     def __getitem__(self, i: int) -> Sample:
         starts = self._starts
@@ -299,14 +305,8 @@ class MixedDataset:
         return self._starts[-1]
 
     def locate(self, i: int) -> tuple[int, int]:
-        i = operator.index(i)
-        n = self._starts[-1]
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
-        k = bisect.bisect_right(self._starts, i) - 1
-        return k, i - self._starts[k]
+        """Global index -> (part number, index inside that part)."""
+        return _locate(self._starts, i)
 
     def __getitem__(self, i: int) -> Sample:
         k, j = self.locate(i)
