@@ -44,7 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"llm-encode: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, file too large, read-only or unwritable output directory
+        print(f"llm-encode: error: {io_error_text(e, args)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def io_error_text(e: OSError, args: Any) -> str:
+    """One line for a failed read/write: what, errno name, path; and that nothing looks complete."""
+    import errno
+    code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""
+    where = e.filename or (os.path.join(args.output_path, args.corpus_name)
+                           if args.output_path and args.corpus_name else "")
+    return (f"{e.strerror or e}{code}: {where} (the dataset was not completed: no manifest.json; "
+            f"free space or fix permissions, then re-run with --overwrite)")
 
 
 def run(args: Any) -> dict:
@@ -189,15 +202,17 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
                 shard_tokens.append(0)
             shard_tokens[-1] += n
         stats.tokens_per_shard = shard_tokens
-        w.metadata["stats"] = stats.as_dict()
+        w.metadata["stats"] = result = stats.as_dict()
         if added:
             encoder.tok.save_pretrained(str(w.directory / "tokenizer"))
+        # before the writer closes: manifest.json is written last, so a dataset with a manifest
+        # always has its stats.json (and plot) too
+        write_stats_json(w.directory / "stats.json", result)
+        if args.plot:
+            plot_lengths(w.directory / "lengths.png", stats.doc_lengths,
+                         max_length=args.max_length,
+                         title=f"{args.corpus_name}: {len(stats.doc_lengths)} documents")
     out = w.directory
-    result = w.metadata["stats"]
-    write_stats_json(out / "stats.json", result)
-    if args.plot:
-        plot_lengths(out / "lengths.png", stats.doc_lengths, max_length=args.max_length,
-                     title=f"{args.corpus_name}: {len(stats.doc_lengths)} documents")
     print(f"wrote {out} ({dtype}, {w.counts['shards']} shard(s))")
     return result
 

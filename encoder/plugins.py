@@ -143,7 +143,7 @@ def check_row(row: Any, *, encode_type: str) -> Any:
             raise ValueError(f"pretrain rows must be str, got {type(row).__name__}")
         if not row:
             raise ValueError("empty text")
-        return row
+        return _utf8_text(row, "text")
     if not isinstance(row, dict):
         raise ValueError(f"{encode_type} rows must be dicts, got {type(row).__name__}")
     return _qa_messages(row) if encode_type == "qa" else _chat_messages(row)
@@ -159,6 +159,20 @@ def _text_field(row: dict, key: str, *, required: bool = True, nonempty: bool = 
         raise ValueError(f"{key!r} must be str, got {type(value).__name__}")
     if nonempty and not value.strip():
         raise ValueError(f"{key!r} is empty")
+    return _utf8_text(value, repr(key))
+
+
+def _utf8_text(value: str, what: str) -> str:
+    """`value`, if it is encodable as UTF-8 (tokenizers need that). A lone surrogate such as
+    '\\ud800' (e.g. from json.loads of a broken escape) would otherwise fail deep inside the
+    tokenizer, for a whole batch, without naming the row."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} holds a lone surrogate {value[e.start]!r} at character "
+                             f"{e.start}: not valid Unicode text (cannot be encoded as "
+                             f"UTF-8)") from None
     return value
 
 
@@ -180,7 +194,7 @@ def _chat_messages(row: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"message {k} must be {{'role': one of {ROLES}, 'content': str}}, "
                              f"got {m!r:.80}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _utf8_text(m["content"], f"message {k}")})
     _check_turn_order(out)
     return out
 

@@ -42,11 +42,15 @@ def fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to `path` so that readers see either the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no half-written file behind
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -72,7 +76,10 @@ class _HashingFile:
         return self._hash.hexdigest()
 
     def discard(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail cannot be flushed (disk full): the file goes anyway
+            pass
         self.path.unlink(missing_ok=True)
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,24 @@ def _check_paths(args: TrainArgs, problems: list[str]) -> None:
                 problems.append(f"{flag} {p}: not valid JSON ({e})")
     if args.load_ckpt_path is not None and not Path(args.load_ckpt_path).exists():
         problems.append(f"--load_ckpt_path {args.load_ckpt_path}: not found")
+    if args.output_path:
+        problem = _unwritable(Path(args.output_path))
+        if problem:
+            problems.append(f"--output_path {args.output_path}: {problem}")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why run directories cannot be created under `path` (checked before any model loads)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link
+            return f"{existing} is a dangling symlink"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"directory {existing} is not writable"
+    return None
 
 
 def _check_combinations(args: TrainArgs, problems: list[str]) -> None:

@@ -144,13 +144,26 @@ def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -
     plt.close(fig)
 
 
-def save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
-                    info: DistInfo, zero3: bool, save_optimizer: bool, use_lora: bool,
-                    save_total_limit: int, prompt_format: dict | None = None) -> Path:
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, file too large, unwritable); `latest` is untouched."""
+
+
+def save_checkpoint(**kwargs) -> Path:
     """Write checkpoints/step_<step>/ completely, then rename it into place and update `latest`.
 
-    Must be called on every rank (ZeRO gathers and engine shards are collective).
+    Must be called on every rank (ZeRO gathers and engine shards are collective). A failed write
+    (safetensors reports it as SafetensorError, not OSError) raises CheckpointSaveError.
     """
+    try:
+        return _save_checkpoint(**kwargs)
+    except Exception as e:  # noqa: BLE001 - any failed write; the cause is in the message
+        raise CheckpointSaveError(f"saving checkpoint step_{kwargs['step']} failed: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
+                     info: DistInfo, zero3: bool, save_optimizer: bool, use_lora: bool,
+                     save_total_limit: int, prompt_format: dict | None = None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     tmp = ckpt_root / f".tmp_step_{step}"
     final = ckpt_root / f"step_{step}"
@@ -184,6 +197,12 @@ def save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict,
             prune_checkpoints(ckpt_root, save_total_limit)
     barrier()
     return final
+
+
+def latest_checkpoint_name(ckpt_root: Path) -> str | None:
+    """The name `checkpoints/latest` holds (a complete checkpoint), or None."""
+    pointer = ckpt_root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -393,10 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.model import DataModelMismatch
     try:
         trainer = Trainer(args)
-    except (SetupError, DataModelMismatch, IncompleteDatasetError, FileNotFoundError, ValueError) as e:
+    except (SetupError, DataModelMismatch, IncompleteDatasetError, OSError, ValueError) as e:
         print(f"trainer: error before step 1: {e}", file=sys.stderr)
         return 2
-    trainer.run()
+    from trainer.checkpoint import CheckpointSaveError, latest_checkpoint_name
+    try:
+        trainer.run()
+    except (OSError, CheckpointSaveError) as e:  # disk full / file too large / unwritable
+        latest = latest_checkpoint_name(trainer.run_dir / "checkpoints")
+        print(f"trainer: error at step {trainer.state.step}: {e}; checkpoints/latest names "
+              f"{latest or 'no checkpoint yet'} (complete): resume with --load_ckpt_path "
+              f"{trainer.run_dir}", file=sys.stderr)
+        return 1
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
