@@ -6,7 +6,7 @@ import argparse
 
 from encoder.packing import DEFAULT_PACK_WINDOW
 from encoder.templates import TEMPLATE_NAMES
-from encoder.tokenizer_policy import SAVE_DTYPES
+from encoder.tokenizer_policy import SAVE_DTYPES, TOKENIZER_BACKENDS
 from encoder.truncation import DEFAULT_TRUNCATION, TRUNCATION_MODES
 
 EPILOG = """\
@@ -29,8 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shards (OUTPUT_PATH/CORPUS_NAME/).", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--tokenizer_path", required=True, help="Hugging Face tokenizer directory (loaded offline "
-      "with AutoTokenizer.from_pretrained).")
+    a("--tokenizer_path", required=True, help="Hugging Face tokenizer directory (loaded offline; "
+      "see --tokenizer_backend).")
+    a("--tokenizer_backend", choices=TOKENIZER_BACKENDS, default="auto", help="auto (default): "
+      "read tokenizer.json with the tokenizers library (~1 s start-up instead of ~8 s for "
+      "importing transformers+torch) when that is known to give transformers' exact tokenizer, "
+      "else AutoTokenizer; transformers: always AutoTokenizer.from_pretrained. Same ids either "
+      "way; the set-up line and manifest metadata say which was used.")
     a("--data_loader_path", required=True, help="plugin .py file defining a generator "
       "data_loader(**kwargs); see encoder/user_data_loader/ for examples.")
     a("--data_loader_args", nargs="*", default=[], metavar="KEY=VALUE", help="keyword arguments "

@@ -25,10 +25,12 @@ from encoder.packing import PretrainChunker, pack_windows  # noqa: E402
 from encoder.pipeline import encode_batches, reject, validated_batches  # noqa: E402
 from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # noqa: E402
                              parse_kv_args)
-from encoder.sample_encoder import Encoded, EncoderSpec, SampleEncoder  # noqa: E402
+from encoder.json_tokenizer import JsonTokenizer  # noqa: E402
+from encoder.sample_encoder import (Encoded, EncoderSpec, SampleEncoder,  # noqa: E402
+                                    load_spec_tokenizer)
 from encoder.stats import RunStats, plot_lengths, summary_lines, write_stats_json  # noqa: E402
 from encoder.templates import TemplateError  # noqa: E402
-from encoder.tokenizer_policy import choose_dtype, load_tokenizer  # noqa: E402
+from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 
 Sample = tuple[list[tuple[np.ndarray, np.ndarray]], bool]  # (docs, continues_previous)
 USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError,
@@ -65,15 +67,17 @@ def run(args: Any) -> dict:
     started = time.time()
     part = parse_part(args.part)
     plugin = load_plugin(args.data_loader_path)
-    tok = load_tokenizer(args.tokenizer_path, add_tokens=args.add_tokens)
-    added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
-    dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     spec = EncoderSpec(tokenizer_path=args.tokenizer_path, encode_type=args.encode_type,
                        max_length=args.max_length, template=args.template,
-                       truncation=args.truncation, add_tokens=tuple(args.add_tokens))
+                       truncation=args.truncation, add_tokens=tuple(args.add_tokens),
+                       tokenizer_backend=args.tokenizer_backend)
+    tok = load_spec_tokenizer(spec)
+    added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
+    dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     encoder = SampleEncoder(spec, tokenizer=tok)
-    print(f"setup {time.time() - started:.1f}s: {type(tok).__name__} len {len(tok)}, dtype {dtype}, "
-          f"template {args.template if args.encode_type != 'pretrain' else '-'}", file=sys.stderr)
+    print(f"setup {time.time() - started:.1f}s: {tokenizer_loader_name(tok)} len {len(tok)}, "
+          f"dtype {dtype}, template {args.template if args.encode_type != 'pretrain' else '-'}",
+          file=sys.stderr)
     started = time.time()
     stats = RunStats(max_length=args.max_length)
     samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder, stats=stats)
@@ -89,6 +93,13 @@ def run(args: Any) -> dict:
     for line in summary_lines(result, seconds=time.time() - started):
         print(line)
     return result
+
+
+def tokenizer_loader_name(tok: Any) -> str:
+    """How the tokenizer was loaded, for the set-up line and the manifest."""
+    if isinstance(tok, JsonTokenizer):
+        return f"tokenizers.Tokenizer (tokenizer.json; {tok.class_name})"
+    return f"transformers {type(tok).__name__}"
 
 
 def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
@@ -232,6 +243,7 @@ def run_metadata(args: Any, *, encoder: SampleEncoder, added: dict,
             "data_loader": os.path.basename(args.data_loader_path),
             "data_loader_args": parse_kv_args(args.data_loader_args),
             "part": f"{part[0]}/{part[1]}" if part else None,
+            "tokenizer_loader": tokenizer_loader_name(encoder.tok),
         },
         "special_tokens": encoder.describe(),
         "added_tokens": added,

@@ -37,7 +37,8 @@ def tokenizer_identity(tokenizer: Any) -> dict:
                                                      key=lambda kv: kv[1])}
     return {
         "path": str(getattr(tokenizer, "name_or_path", "")),
-        "class": type(tokenizer).__name__,
+        # a light loader names the transformers class it stands in for (encoder/json_tokenizer.py)
+        "class": getattr(tokenizer, "class_name", None) or type(tokenizer).__name__,
         "len": len(tokenizer),
         "bos_id": tokenizer.bos_token_id,
         "eos_id": tokenizer.eos_token_id,

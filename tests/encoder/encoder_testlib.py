@@ -39,11 +39,12 @@ def shared_data(name: str) -> str:
 
 
 def real_tokenizer(name: str):
-    """Load ../shared/tokenizers/NAME once per test session."""
+    """../shared/tokenizers/NAME through transformers (the independent oracle the tests decode
+    with; the encoder under test may load it with the light loader), once per session."""
     path = shared_tokenizer_path(name)
     if name not in _CACHE:
         from encoder.tokenizer_policy import load_tokenizer
-        _CACHE[name] = load_tokenizer(path)
+        _CACHE[name] = load_tokenizer(path, backend="transformers")
     return _CACHE[name]
 
 
