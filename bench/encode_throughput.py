@@ -1,11 +1,12 @@
 """Encode throughput: `encoder/main.py` end to end vs the raw tokenizer, a Megatron-style pipeline
 and HF `datasets.map`, on the same texts.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/encode_throughput.py --replicate 4 --repeats 3
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/encode_throughput.py --replicate 2 --repeats 3
 
 Cases: qa (alpaca en+zh through encoder/user_data_loader/alpaca.py, template none, --merge_data)
 and pretrain (c4 + tinyshakespeare paragraphs through text.py), each with llama2 and qwen3;
-`--replicate N` repeats the file list N times (N=4 is REFERENCE.md's 38k documents).
+`--replicate N` adds N-1 distinct copies of the files (see `distinct_copy`: plain repeats would
+be served from the tokenizer's cache); N=2 (default) is ~1M tokens per case.
 
 Every method is reported two ways:
   * wall: what a user waits for, process start to output done: interpreter, imports, tokenizer
@@ -56,22 +57,52 @@ CASES = {
 }
 
 
-def plugin_args(case: str, shared: Path, replicate: int) -> tuple[str, str]:
+def plugin_args(case: str, shared: Path, replicate: int, out: Path) -> tuple[str, str]:
+    """The plugin and its `path=` argument: the data files, then `replicate - 1` distinct copies."""
     plugin, files = CASES[case]
-    path = ",".join(str(shared / "data" / f) for f in files * replicate)
-    return str(ROOT / "encoder" / "user_data_loader" / plugin), path
+    paths = [shared / "data" / f for f in files]
+    for k in range(1, replicate):
+        paths += [distinct_copy(shared / "data" / f, k, out / "data") for f in files]
+    return str(ROOT / "encoder" / "user_data_loader" / plugin), ",".join(map(str, paths))
 
 
-def load_rows(case: str, shared: Path, replicate: int) -> list:
+def distinct_copy(src: Path, k: int, dst_dir: Path) -> Path:
+    """Copy k >= 1 of a data file with every text prefixed by "[k] " (alpaca: instruction and
+    output; c4: text; tinyshakespeare: each paragraph). Plain repeats would be served from the
+    tokenizer's BPE cache (it caches whole pre-tokens, and llama2's pre-token is the whole text),
+    which flatters every method and hides the non-tokenizer work; distinct copies do not."""
+    dst = dst_dir / f"{src.stem}.copy{k}{src.suffix}"
+    if dst.exists():
+        return dst
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"[{k}] "
+    text = src.read_text(encoding="utf-8")
+    if src.suffix == ".json":
+        records = [{**r, "instruction": tag + r["instruction"], "output": tag + r["output"]}
+                   for r in json.loads(text)]
+        body = json.dumps(records, ensure_ascii=False)
+    elif src.suffix == ".jsonl":
+        body = "".join(json.dumps({**json.loads(line), "text": tag + json.loads(line)["text"]},
+                                  ensure_ascii=False) + "\n"
+                       for line in text.splitlines() if line.strip())
+    else:
+        body = "\n\n".join(tag + p if p.strip() else p for p in text.split("\n\n"))
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(dst)
+    return dst
+
+
+def load_rows(case: str, shared: Path, replicate: int, out: Path) -> list:
     """The plugin's rows, exactly as the encoder reads them."""
     from encoder.plugins import load_plugin
-    plugin, path = plugin_args(case, shared, replicate)
+    plugin, path = plugin_args(case, shared, replicate, out)
     return list(load_plugin(plugin).fn(path=path))
 
 
 # -- ours -----------------------------------------------------------------------------------------
 def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace) -> dict:
-    plugin, path = plugin_args(case, Path(args.shared), args.replicate)
+    plugin, path = plugin_args(case, Path(args.shared), args.replicate, Path(args.out))
     out = Path(args.out) / "ours"
     name = f"{case}_{tok}_w{workers}"
     cmd = [sys.executable, str(ROOT / "encoder" / "main.py"),
@@ -138,9 +169,9 @@ def run_baselines(case: str, tok_name: str, args: argparse.Namespace) -> dict:
     result["load_fast_s"] = time.perf_counter() - t0
     pol = measure_policy(tok)
     prefix, eos = pol.doc_prefix(), [pol.eos_id]
-    rows = load_rows(case, shared, args.replicate)
+    rows = load_rows(case, shared, args.replicate, out)
     texts = [x for r in rows for x in (r["q"], r["a"])] if case == "qa" else rows
-    jsonl = out / f"{case}_x{args.replicate}.jsonl"
+    jsonl = out / f"{case}_x{args.replicate}_distinct.jsonl"
     if not jsonl.exists():
         write_jsonl(rows, case, jsonl)
 
@@ -235,14 +266,14 @@ def baselines_child(combos: list[tuple[str, str]], args: argparse.Namespace) -> 
 # -- driver ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--replicate", type=int, default=4, help="repeat the data files N times")
+    ap.add_argument("--replicate", type=int, default=2, help="the data files + N-1 distinct copies")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokenizers", default="llama2,qwen3")
     ap.add_argument("--cases", default="qa,pretrain")
     ap.add_argument("--workers", default="1,2", help="--num_workers values for ours")
     ap.add_argument("--more_workers_on", default="qa/llama2",
                     help="cases that also run the 2nd.. --workers values (the first value runs on "
-                         "every case); 'all' for every case. Keeps the default run < 8 min here")
+                         "every case); 'all' for every case")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "encode"))
@@ -299,7 +330,7 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
                for key, r in runs.items()}
     names = {"qa": "alpaca en+zh records", "pretrain": "c4 docs + tinyshakespeare paragraphs"}
     up = {k: med(s[k] for s in startups) for k in startups[0]}
-    print(f"data ×{args.replicate}: "
+    print(f"data: the files + {args.replicate - 1} distinct copies: "
           + "; ".join(f"{c}: {n:,} {names[c]}" for c, n in rows_of.items())
           + f"; max_length {args.max_length} (qa packed with --merge_data); medians of "
           f"{args.repeats} runs; {os.cpu_count()} CPUs; this benchmark took {total_s:.0f}s.\n\n"

@@ -185,14 +185,17 @@ class SampleEncoder:
         return backend
 
     def _assemble(self, segs: list, token_lists: list[list[int]]) -> Encoded:
+        # ids: one C-level list concatenation + one conversion; mask: np.repeat of the segments'
+        # flags (the old per-token Python list cost ~15% of a qa run's tokenizer thread)
         ids = list(self.prefix)
-        mask = [False] * len(ids)
-        for (kind, value, trained), toks in zip(segs, token_lists):
+        for toks in token_lists:
             ids += toks
-            mask += [trained] * len(toks)
-        ids_arr, mask_arr = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
-        if self.template is None:
+        ids_arr = np.array(ids, dtype=np.int64)
+        if self.template is None:       # pretrain: every token trained, no mask array
             return Encoded(ids_arr, None, "ok", len(ids_arr))
+        flags = np.array([False] + [seg[2] for seg in segs], dtype=bool)
+        lens = np.array([len(self.prefix)] + [len(t) for t in token_lists], dtype=np.int64)
+        mask_arr = np.repeat(flags, lens)
         t_ids, t_mask, status = truncate(ids_arr, mask_arr, max_length=self.spec.max_length,
                                          mode=self.spec.truncation, keep_prefix=len(self.prefix))
         return Encoded(t_ids, t_mask, status, len(ids_arr))
