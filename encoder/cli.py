@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
       "tokenizer before encoding; the modified tokenizer is saved to the dataset's tokenizer/ "
       "directory and the manifest lists the tokens and ids.")
     a("--overwrite", action="store_true", help="replace an existing dataset at "
-      "OUTPUT_PATH/CORPUS_NAME (refused otherwise).")
+      "OUTPUT_PATH/CORPUS_NAME (refused otherwise). The new one is written beside it and swapped "
+      "in when complete; a failed or killed run leaves the old one intact.")
     a("--skip_invalid", action="store_true", help="skip wrong rows (wrong type, missing key, "
       "empty answer) instead of stopping; the count and the first reasons are reported.")
     a("--analyze", action="store_true", help="tokenize and print length statistics (percentiles, "

@@ -210,7 +210,14 @@ class ShardWriter:
 
     # -- directory handling -------------------------------------------------------------------
     def _prepare_directory(self, overwrite: bool) -> None:
+        """Refuse to touch what is not ours; when replacing an existing dataset, write beside it
+        (`.NAME.incoming/`) and swap at close(), so the old dataset stays complete and readable
+        until the new one is (a killed overwrite leaves the old one, never a half-written one)."""
         d = self.directory
+        self._final: Path | None = None
+        staging = d.parent / f".{self.corpus_name}.incoming"
+        if staging.exists():  # left by a killed overwrite (the old dataset is still in place)
+            shutil.rmtree(staging)
         if d.exists() and any(d.iterdir()):
             ours = (d / MANIFEST_NAME).exists() or any(d.glob(f"{self.corpus_name}_*.bin*")) \
                 or any(d.glob(f"{self.corpus_name}_*.idx*"))
@@ -223,12 +230,22 @@ class ShardWriter:
                 raise FileExistsError(f"{d} is not empty and does not look like a shardfmt "
                                       f"dataset (no manifest, no {self.corpus_name}_*.bin); "
                                       f"refusing to delete it even with overwrite")
-            # The manifest goes first, so an interrupted overwrite leaves an incomplete dataset.
-            (d / MANIFEST_NAME).unlink(missing_ok=True)
-            fsync_dir(d)
-            for child in d.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        d.mkdir(parents=True, exist_ok=True)
+            self._final, self.directory = d, staging
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _swap_into_place(self) -> None:
+        """Replace the old dataset by the complete new one: two renames (old aside, new in), then
+        the old one is deleted. A crash between the renames leaves both complete copies
+        (`.NAME.replaced/` and `.NAME.incoming/`) and no NAME/: nothing incomplete is readable."""
+        final, staging = self._final, self.directory
+        replaced = final.parent / f".{self.corpus_name}.replaced"
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+        os.replace(staging, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(replaced)
+        self.directory, self._final = final, None
 
     # -- writing -------------------------------------------------------------------------------
     def add_sample(self, docs: Sequence[tuple[Iterable[int], Iterable[Any] | None]], *,
@@ -328,14 +345,20 @@ class ShardWriter:
         self._current = None
         fsync_dir(self.directory)
         write_json_atomic(self.directory / MANIFEST_NAME, self._manifest())
+        if self._final is not None:
+            self._swap_into_place()
         self._closed = True
         return self.directory
 
     def abort(self) -> None:
-        """Drop the shard in progress; no manifest is written, so readers refuse the directory."""
+        """Drop the shard in progress; no manifest is written, so readers refuse the directory.
+        An aborted overwrite deletes its staging directory: the old dataset is untouched."""
         if self._current is not None:
             self._current.discard()
             self._current = None
+        if self._final is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory, self._final = self._final, None
         self._closed = True
 
     def _manifest(self) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.dist import DistInfo, barrier, broadcast_text
+from trainer.dist import DistInfo, all_reduce_sum, barrier, broadcast_text
 
 STATE_NAME = "trainer_state.json"
 PROMPT_FORMAT = "prompt_format.json"
@@ -161,23 +161,51 @@ def save_checkpoint(**kwargs) -> Path:
                                   f"{type(e).__name__}: {e}") from e
 
 
+def _agree(error: BaseException | None, *, phase: str, device) -> None:
+    """End a save phase on every rank together: one all-reduce of "did I fail" (it is also the
+    barrier), then every rank raises if any failed. A plain barrier would leave the other ranks
+    waiting forever (until the launcher's timeout) for a rank that gave up."""
+    failed = all_reduce_sum([0.0 if error is None else 1.0], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{int(failed)} other rank(s) failed while {phase} (their own error "
+                           f"is in their log)")
+
+
 def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
                      info: DistInfo, zero3: bool, save_optimizer: bool, use_lora: bool,
                      save_total_limit: int, prompt_format: dict | None = None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     tmp = ckpt_root / f".tmp_step_{step}"
     final = ckpt_root / f"step_{step}"
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    barrier()
-    save_hf_weights(engine, tmp, info, zero3)
-    if save_optimizer:
-        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={"step": step},
-                               exclude_frozen_parameters=use_lora)
-    _write_json(tmp / "rng" / f"rank_{info.rank}.json", rng_state())
-    barrier()
-    if info.is_main:
+    device = info.device
+
+    def phase(name: str, work) -> None:
+        error = None
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _agree
+            error = e
+        _agree(error, phase=name, device=device)
+
+    def prepare() -> None:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+
+    def write_weights() -> None:  # ZeRO-3: every rank gathers, rank 0 writes
+        save_hf_weights(engine, tmp, info, zero3)
+
+    def write_engine_state() -> None:  # collective inside DeepSpeed: every rank writes its shard
+        if save_optimizer:
+            engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={"step": step},
+                                   exclude_frozen_parameters=use_lora)
+        _write_json(tmp / "rng" / f"rank_{info.rank}.json", rng_state())
+
+    def publish() -> None:
+        if not info.is_main:
+            return
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / "resolved_config.json", resolved)
@@ -195,7 +223,11 @@ def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict
         os.replace(pointer_tmp, ckpt_root / "latest")  # written last
         if save_total_limit:
             prune_checkpoints(ckpt_root, save_total_limit)
-    barrier()
+
+    phase("preparing the checkpoint directory", prepare)
+    phase("writing the model weights", write_weights)
+    phase("writing the engine state", write_engine_state)
+    phase("completing the checkpoint", publish)
     return final
 
 

@@ -1,5 +1,6 @@
 """Issue 7 item 1: SIGKILL `python encoder/main.py` at known points; the reader must refuse the
 directory as incomplete, and a rerun with --overwrite must be byte-identical to an uninterrupted run.
+Killed during an --overwrite of a complete dataset, the old dataset must still be there, unchanged.
 
 The kill points are made deterministic from outside the encoder: faulty_plugin.py (user code the
 encoder loads) writes a marker file and sleeps at the chosen point; the test waits for the marker
@@ -78,12 +79,12 @@ POINTS = {
                                         and "c_00010.idx" in names),
     "manifest_tmp_not_renamed": ({"RELI_BLOCK_AT": "manifest_rename"}, (),
                                  lambda names: "manifest.json.tmp" in names),
-    # --overwrite of a complete dataset removes the old manifest first: a kill mid-overwrite never
-    # leaves the old manifest describing new or half-deleted shards
-    "overwrite_of_complete_dataset_row_1100": ({"RELI_BLOCK_ROW": "1100"}, ("--overwrite",),
-                                               lambda names: any(n.endswith(".bin.tmp")
-                                                                 for n in names)),
 }
+# --overwrite of a complete dataset writes beside it (.c.incoming/) and swaps at the end: killed
+# mid-way, the old dataset is still there, complete and byte-identical (checked separately below)
+OVERWRITE_POINT = ({"RELI_BLOCK_ROW": "1100"}, ("--overwrite",),
+                   lambda names: any(n.endswith(".bin.tmp") for n in names))
+ALL_POINTS = {**POINTS, "overwrite_of_complete_dataset_row_1100": OVERWRITE_POINT}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def killed(baseline_dir, hermetic_tokenizer_dir, tmp_path_factory) -> dict[str, 
     reaches its point, SIGKILL it. Returns point -> (its output dir, the marker's text)."""
     root = tmp_path_factory.mktemp("killed")
     procs = {}
-    for point, (env, extra, _) in POINTS.items():
+    for point, (env, extra, _) in ALL_POINTS.items():
         out = root / point
         if "--overwrite" in extra:
             shutil.copytree(baseline_dir, out / CORPUS)
@@ -133,3 +134,14 @@ def test_killed_encoder_leaves_incomplete_then_rerun_is_identical(point, killed,
     run_in_process(flags(hermetic_tokenizer_dir, out, "--overwrite"))
     assert dataset_bytes(out / CORPUS) == baseline
     assert len(open_dataset(str(out / CORPUS))) > 0
+
+
+def test_killed_overwrite_keeps_the_old_dataset(killed, baseline, hermetic_tokenizer_dir):
+    out, where = killed["overwrite_of_complete_dataset_row_1100"]
+    staging = out / f".{CORPUS}.incoming"
+    assert OVERWRITE_POINT[2](listing(staging)), (where, listing(staging))
+    assert dataset_bytes(out / CORPUS) == baseline            # untouched, complete
+    assert len(open_dataset(str(out / CORPUS))) > 0
+    run_in_process(flags(hermetic_tokenizer_dir, out, "--overwrite"))
+    assert dataset_bytes(out / CORPUS) == baseline
+    assert listing(out) == [CORPUS]                          # the stale staging dir was removed

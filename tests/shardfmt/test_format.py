@@ -160,6 +160,30 @@ def test_refuses_existing_corpus_unless_overwrite(tmp_path):
     assert open_dataset(out)[0].input_ids.tolist() == [2]
 
 
+def test_failed_overwrite_keeps_the_old_dataset(tmp_path):
+    """The new dataset is written beside the old one and swapped in at close(): a failure (or a
+    kill) before that leaves the old dataset complete and readable."""
+    old = write(tmp_path, [[([1, 2, 3], [0, 1, 1])]] * 3, tokens_per_file=3)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, "c", dtype="uint16", encode_type="qa", max_length=8,
+                         tokens_per_file=3, tokenizer_info=TOK_INFO, overwrite=True) as w:
+            w.add_sample([([7, 7], [1, 1])])
+            w.add_sample([([8, 8], [1, 1])])          # the first new shard is finished
+            assert w.directory == tmp_path / ".c.incoming"
+            assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+            raise RuntimeError("plugin failed")
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert open_dataset(old)[2].input_ids.tolist() == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]      # staging removed
+    (tmp_path / ".c.incoming").mkdir()                 # as a SIGKILL would leave it
+    (tmp_path / ".c.incoming" / "c_00000.bin.tmp").write_bytes(b"x")
+    out = write(tmp_path, [[([9], [1])]], overwrite=True)
+    assert out == tmp_path / "c" and open_dataset(out)[0].input_ids.tolist() == [9]
+    assert len(open_dataset(out)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]      # no .incoming / .replaced
+
+
 def test_overwrite_refuses_foreign_directory(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
