@@ -87,9 +87,10 @@ class SampleEncoder:
         """Encode a batch; the result has one `Encoded` per row, in order."""
         seg_rows, out = self._segments(rows)
         token_lists = self._tokenize(seg_rows)
-        for k, segs in enumerate(seg_rows):
-            if out[k] is None:
-                out[k] = self._assemble(segs, token_lists[k])
+        todo = [k for k in range(len(rows)) if out[k] is None]
+        for k, enc in zip(todo, self._assemble_batch([seg_rows[k] for k in todo],
+                                                     [token_lists[k] for k in todo])):
+            out[k] = enc
         return out
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
@@ -184,21 +185,40 @@ class SampleEncoder:
                 return None
         return backend
 
-    def _assemble(self, segs: list, token_lists: list[list[int]]) -> Encoded:
-        # ids: one C-level list concatenation + one conversion; mask: np.repeat of the segments'
-        # flags (the old per-token Python list cost ~15% of a qa run's tokenizer thread)
-        ids = list(self.prefix)
-        for toks in token_lists:
-            ids += toks
-        ids_arr = np.array(ids, dtype=np.int64)
+    def _assemble_batch(self, seg_rows: list[list], token_lists: list[list[list[int]]]
+                        ) -> list[Encoded]:
+        """Rows' pieces -> ids (+ loss masks), one numpy conversion per batch: the whole batch's
+        ids are one flat list -> one array, split into per-row views; the mask is one np.repeat
+        of the segments' flags. (Per-row conversions cost ~50 µs a row, as much as llama2 takes
+        to tokenize a short alpaca row.)"""
+        if not seg_rows:
+            return []
+        prefix = list(self.prefix)
+        flat: list[int] = []
+        row_lens, seg_lens, seg_flags = [], [], []
+        for segs, toks in zip(seg_rows, token_lists):
+            start = len(flat)
+            flat += prefix
+            for t in toks:
+                flat += t
+            row_lens.append(len(flat) - start)
+            seg_lens.append(len(prefix))
+            seg_flags.append(False)
+            seg_lens += [len(t) for t in toks]
+            seg_flags += [seg[2] for seg in segs]
+        cuts = np.cumsum(row_lens)[:-1]
+        ids_rows = np.split(np.array(flat, dtype=np.int64), cuts)
         if self.template is None:       # pretrain: every token trained, no mask array
-            return Encoded(ids_arr, None, "ok", len(ids_arr))
-        flags = np.array([False] + [seg[2] for seg in segs], dtype=bool)
-        lens = np.array([len(self.prefix)] + [len(t) for t in token_lists], dtype=np.int64)
-        mask_arr = np.repeat(flags, lens)
-        t_ids, t_mask, status = truncate(ids_arr, mask_arr, max_length=self.spec.max_length,
-                                         mode=self.spec.truncation, keep_prefix=len(self.prefix))
-        return Encoded(t_ids, t_mask, status, len(ids_arr))
+            return [Encoded(ids, None, "ok", len(ids)) for ids in ids_rows]
+        mask_rows = np.split(np.repeat(np.array(seg_flags, dtype=bool),
+                                       np.array(seg_lens, dtype=np.int64)), cuts)
+        out = []
+        for ids, mask in zip(ids_rows, mask_rows):
+            t_ids, t_mask, status = truncate(ids, mask, max_length=self.spec.max_length,
+                                             mode=self.spec.truncation,
+                                             keep_prefix=len(prefix))
+            out.append(Encoded(t_ids, t_mask, status, len(ids)))
+        return out
 
     def describe(self) -> dict:
         """The special-token policy and template, for the manifest metadata."""

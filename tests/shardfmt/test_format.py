@@ -380,3 +380,18 @@ def test_export_megatron_cli(tmp_path, dataset):
     assert again.returncode == 1 and "overwrite" in again.stderr
     assert subprocess.run(cmd + ["--overwrite"], cwd=REPO, capture_output=True).returncode == 0
     assert open_dataset(prefix).num_tokens == open_dataset(dataset).num_tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=12), min_size=1, max_size=6))
+def test_sample_loss_spans_equal_per_document_spans(masks):
+    """The one-pass span computation splits runs at document boundaries exactly like one
+    computation per document (the bytes of .idx files do not depend on it)."""
+    from shardfmt.writer import sample_loss_spans
+    expected, offset = [], 0
+    for m in masks:
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], np.array(m, np.int8), [0]))))
+        expected += (edges + offset).tolist()
+        offset += len(m)
+    full = np.concatenate([np.array(m, bool) for m in masks])
+    assert sample_loss_spans(full, [len(m) for m in masks]).tolist() == expected
