@@ -18,8 +18,8 @@ fresh loader; tokens = real (non-pad) tokens, loss tokens = labels != -100.
 
 Consumption side (at `--consumption_micro_batch`, default 1 packed sample = 2,048 tokens per
 step; tokens/s per step does not improve at micro-batch 4): one optimizer step of the tiny Llama (llama2 vocab 32,000, hidden 64, 2 layers,
-fp32, sdpa, AdamW) per micro-batch of packed samples: forward with the 4D mask,
-`trainer.train.token_loss_sum`, backward, AdamW step. Plain torch without the DeepSpeed engine, so
+fp32, sdpa, AdamW) per micro-batch of packed samples: forward with the 4D mask and the
+trainer's loss (`trainer.loss.forward_loss_sum`, fused head), backward, AdamW step. Plain torch without the DeepSpeed engine, so
 this is an upper bound of what the trainer consumes (its engine only adds time): the reported
 ratio pipeline/consumption is a lower bound. Inputs are pre-collated, so the step time holds no
 data loading. Medians of `--repeats` runs; torch uses `--threads` threads on both sides.
@@ -138,12 +138,13 @@ def measure_step(model, optimizer, batches: list[dict]) -> dict:
     import torch
 
     from trainer.data import count_loss_tokens, model_inputs
-    from trainer.train import token_loss_sum
+    from trainer.loss import forward_loss_sum, fused_head_problem
+    fused = fused_head_problem(model) is None
     tokens = loss_tokens = 0
     t0 = time.perf_counter()
     for batch in batches:
-        out = model(**model_inputs(batch, "sdpa", torch.float32, torch.device("cpu")))
-        loss = token_loss_sum(out.logits, batch["labels"]) / max(count_loss_tokens(batch), 1)
+        loss = forward_loss_sum(model, model_inputs(batch, "sdpa", torch.float32, torch.device("cpu")),
+                                batch["labels"], fused=fused) / max(count_loss_tokens(batch), 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -65,6 +65,7 @@ class TrainArgs:
     precision: str = "auto"
     num_workers: int = 1
     ignore_tokenizer_mismatch: bool = False
+    fused_loss: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from_scratch", action="store_true", help="random init from model_path's config")
     g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=d.attn_implementation)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=d.fused_loss,
+                   help="compute the loss chunk by chunk from the last hidden states, only where a "
+                   "label is (no B x L x V logits); models it cannot be exact for use full logits")
     g.add_argument("--use_lora", action="store_true")
     g.add_argument("--lora_config_path", default=None, help="JSON: r, alpha, dropout, target_modules, "
                    "modules_to_save")

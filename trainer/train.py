@@ -40,19 +40,6 @@ class RunState:
     eval_history: list[dict] = field(default_factory=list)
 
 
-def token_loss_sum(logits, labels):
-    """Sum of next-token cross-entropies over labels != -100 (fp32).
-
-    The labels are shifted, not the logits: slicing `logits[:, :-1]` copies the whole B x L x V
-    tensor (300 MB at 4 x 2048 x 32k fp32) and its backward zero-fills another; measured -24% step
-    time on CPU (bench/train_throughput.py) with this form.
-    """
-    import torch.nn.functional as F
-    next_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), next_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
 def total_steps_for(args: TrainArgs, num_samples: int, global_batch: int) -> int:
     """--max_steps, or floor(max_epochs * samples / global batch) (the last partial batch dropped)."""
     if args.max_steps is not None:
@@ -163,6 +150,8 @@ class Trainer:
             if info.is_main:
                 model.print_trainable_parameters()
 
+        self.fused_loss = self._choose_fused_loss(model)
+
         # ---- optimizer, schedule, engine
         self.engine = self._build_engine(model)
 
@@ -185,6 +174,16 @@ class Trainer:
                                       max_length=int(lengths.max()) if len(lengths) else 0,
                                       embedding_rows=rows, max_positions=mdl.max_positions(model),
                                       flag=flag)
+
+    def _choose_fused_loss(self, model) -> bool:
+        from trainer.loss import fused_head_problem
+        if not self.args.fused_loss:
+            return False
+        problem = fused_head_problem(model, zero3=self.zero3)
+        if problem and self.info.is_main:
+            log.warning("--fused_loss: computing the loss from full logits instead, because %s",
+                        problem)
+        return problem is None
 
     def _build_engine(self, model):
         import deepspeed
@@ -245,6 +244,7 @@ class Trainer:
         """One optimizer step over `gas` micro-batches; returns (global mean loss, global loss tokens)."""
         from trainer.data import count_loss_tokens, model_inputs
         from trainer.dist import all_reduce_sum
+        from trainer.loss import forward_loss_sum
         info, engine = self.info, self.engine
         local_count = sum(count_loss_tokens(b) for b in micro_batches)
         (global_count,) = all_reduce_sum([local_count], info.device)
@@ -252,8 +252,8 @@ class Trainer:
         scale = info.world_size / max(global_count, 1.0)
         local_sum = 0.0
         for batch in micro_batches:
-            out = engine(**model_inputs(batch, self.attn, self.dtype, info.device))
-            loss_sum = token_loss_sum(out.logits, batch["labels"].to(info.device))
+            loss_sum = forward_loss_sum(engine, model_inputs(batch, self.attn, self.dtype, info.device),
+                                        batch["labels"].to(info.device), fused=self.fused_loss)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
             local_sum += float(loss_sum.detach())
@@ -271,10 +271,12 @@ class Trainer:
         engine.eval()
         with torch.no_grad():
             from trainer.data import count_loss_tokens, model_inputs
+            from trainer.loss import forward_loss_sum
             for batch in eval_batches(self.eval_ds, shard, micro_batch_size=self.args.micro_batch_size,
                                       pad_id=self.pad_id, flatten=self.flatten):
-                out = engine(**model_inputs(batch, self.attn, self.dtype, info.device))
-                total += float(token_loss_sum(out.logits, batch["labels"].to(info.device)))
+                total += float(forward_loss_sum(
+                    engine, model_inputs(batch, self.attn, self.dtype, info.device),
+                    batch["labels"].to(info.device), fused=self.fused_loss))
                 count += count_loss_tokens(batch)
         engine.train()
         total, count = all_reduce_sum([total, count], info.device)
@@ -298,7 +300,8 @@ class Trainer:
         return {"args": self.args.to_dict(), "deepspeed_config": self.ds_config,
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "precision": _precision_name(self.dtype),
-                "attn_implementation": self.attn, "zero_stage": 3 if self.zero3 else
+                "attn_implementation": self.attn,
+                "loss": "fused head" if self.fused_loss else "full logits", "zero_stage": 3 if self.zero3 else
                 self.ds_config.get("zero_optimization", {}).get("stage"),
                 "lora": self.lora_settings, "added_token_ids": self.new_token_ids,
                 "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None}

@@ -7,7 +7,7 @@ import torch
 
 from shardfmt import Sample
 from trainer.data import collate, model_inputs
-from trainer.train import token_loss_sum
+from trainer.loss import token_loss_sum
 
 from trainer_testlib import build_model
 
