@@ -83,8 +83,12 @@ def test_planted_pickle_is_never_unpickled(tmp_path, victim):
         verify_dataset(ds)
     except (ValueError, FileNotFoundError, OSError):
         pass  # refusing the damaged dataset is fine; running the payload is not
-    subprocess.run([sys.executable, "-m", "shardfmt", "inspect", str(tmp_path / "c"), "--show",
-                    "1"], cwd=REPO, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    subprocess.run([sys.executable, "-m", "shardfmt", "verify", str(tmp_path / "c")], cwd=REPO,
-                   capture_output=True)
+    # the two CLI commands read the directory independently: run them side by side
+    clis = [subprocess.Popen([sys.executable, "-m", "shardfmt", "inspect", str(tmp_path / "c"),
+                              "--show", "1"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}),
+            subprocess.Popen([sys.executable, "-m", "shardfmt", "verify", str(tmp_path / "c")],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for cli in clis:
+        cli.wait()
     assert not marker.exists(), f"unpickled a payload planted as {victim}"

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from reliability_testlib import REPO, kill_group, wait_for
-from trainer_testlib import VENV_BIN, free_port, losses, run_env, run_train
+from trainer_testlib import (VENV_BIN, check_ok, free_port, losses, run_env, run_train,
+                             run_trains)
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +47,28 @@ def launch_cmd(nproc: int) -> list[str]:
             str(free_port()), str(HOOKED)]
 
 
-def kill_during_save(assets: dict, out: Path, point: str, nproc: int) -> Path:
+def start_run(assets: dict, out: Path, point: str, nproc: int) -> tuple[subprocess.Popen, Path]:
+    """Start the hooked run that stops every rank at `point` of the step-4 save (and its marker)."""
     mark = out.parent / f"{point}.mark"
     env = run_env()
     env.update(RELI_KILL_POINT=point, RELI_KILL_STEP=str(KILL_STEP), RELI_MARK=str(mark))
     proc = subprocess.Popen(launch_cmd(nproc) + train_args(assets, out), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    return proc, mark
+
+
+def kill_at_mark(proc: subprocess.Popen, mark: Path, out: Path) -> Path:
+    """SIGKILL the whole run once it has stopped at its point; its run dir."""
     try:
         wait_for(mark, proc, timeout=300)
     finally:
         kill_group(proc)
     return out / "run"
+
+
+def kill_during_save(assets: dict, out: Path, point: str, nproc: int) -> Path:
+    return kill_at_mark(*start_run(assets, out, point, nproc), out)
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
@@ -86,40 +97,54 @@ POINTS = [("weights_written", 2, "step_2"), ("state_written", 1, "step_2"),
 
 
 @pytest.fixture(scope="module")
-def resumed_from_step2_1proc(trainer_assets, tmp_path_factory) -> dict:
-    """state_written (1 process): killed, checked, resumed -> per-step losses of both runs."""
-    out = tmp_path_factory.mktemp("state_written")
-    run_dir = kill_during_save(trainer_assets, out, "state_written", 1)
-    reference = logged_losses(run_dir)
-    assert sorted(reference) == [1, 2, 3, 4]
+def killed_1proc(trainer_assets, tmp_path_factory) -> dict:
+    """The two 1-process kill points, state_written and after_latest: each run killed, checked,
+    and resumed -> point: {"reference", "resumed", "run_dir"}. The two runs are independent (own
+    output dirs, one process each), so both kills, and then both resumes, run side by side."""
+    outs = {point: tmp_path_factory.mktemp(point) for point in ("state_written", "after_latest")}
+    started = {point: start_run(trainer_assets, out, point, 1) for point, out in outs.items()}
+    try:
+        run_dirs = {point: kill_at_mark(*started[point], outs[point]) for point in outs}
+    finally:
+        for proc, _ in started.values():
+            kill_group(proc)
+    result = {point: {"reference": logged_losses(run_dir), "run_dir": run_dir}
+              for point, run_dir in run_dirs.items()}
+
+    # state_written: step_4 was complete in .tmp_step_4 but never renamed -> latest is step_2
+    run_dir = run_dirs["state_written"]
+    assert sorted(result["state_written"]["reference"]) == [1, 2, 3, 4]
     check_after_kill(run_dir, "step_2")
     assert (run_dir / "checkpoints" / f".tmp_step_{KILL_STEP}").is_dir()
-    run_train(train_args(trainer_assets, out) + ["--load_ckpt_path", str(run_dir)])
-    resumed = losses(run_dir / "checkpoints" / f"step_{MAX_STEPS}")
-    return {"reference": reference, "resumed": resumed, "run_dir": run_dir}
+    # after_latest: step_4 renamed into place and named by latest
+    check_after_kill(run_dirs["after_latest"], f"step_{KILL_STEP}")
+
+    procs = run_trains([train_args(trainer_assets, outs[point]) + ["--load_ckpt_path",
+                                                                   str(run_dirs[point])]
+                        for point in outs])
+    for point, proc in zip(outs, procs):
+        check_ok(proc)
+        result[point]["resumed"] = losses(run_dirs[point] / "checkpoints" / f"step_{MAX_STEPS}")
+    return result
 
 
 def assert_same(a: list[float], b: list[float]) -> None:
     assert len(a) == len(b) and np.max(np.abs(np.array(a) - np.array(b))) <= 1e-6, (a, b)
 
 
-def test_killed_after_state_written_before_rename_1proc(resumed_from_step2_1proc):
-    r = resumed_from_step2_1proc
+def test_killed_after_state_written_before_rename_1proc(killed_1proc):
+    r = killed_1proc["state_written"]
     assert len(r["resumed"]) == MAX_STEPS
     assert_same(r["resumed"][:KILL_STEP], [r["reference"][s] for s in range(1, KILL_STEP + 1)])
     ckpts = r["run_dir"] / "checkpoints"
     assert not list(ckpts.glob(".tmp_*")) and (ckpts / "latest").read_text().strip() == "step_6"
 
 
-def test_killed_after_latest_updated_1proc(trainer_assets, tmp_path, resumed_from_step2_1proc):
-    run_dir = kill_during_save(trainer_assets, tmp_path, "after_latest", 1)
-    reference = logged_losses(run_dir)
-    check_after_kill(run_dir, f"step_{KILL_STEP}")
-    run_train(train_args(trainer_assets, tmp_path) + ["--load_ckpt_path", str(run_dir)])
-    resumed = losses(run_dir / "checkpoints" / f"step_{MAX_STEPS}")
-    assert_same(resumed[:KILL_STEP], [reference[s] for s in range(1, KILL_STEP + 1)])
+def test_killed_after_latest_updated_1proc(killed_1proc):
+    r = killed_1proc["after_latest"]
+    assert_same(r["resumed"][:KILL_STEP], [r["reference"][s] for s in range(1, KILL_STEP + 1)])
     # steps 5-6 (resumed from step_4) equal steps 5-6 of the run resumed from step_2
-    assert_same(resumed, resumed_from_step2_1proc["resumed"])
+    assert_same(r["resumed"], killed_1proc["state_written"]["resumed"])
 
 
 def test_killed_mid_save_two_ranks(trainer_assets, tmp_path):

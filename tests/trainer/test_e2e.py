@@ -1,6 +1,6 @@
 """End-to-end runs of trainer/train.py on CPU (gloo): deepspeed 2 ranks ZeRO-2/ZeRO-3, torchrun as two
-nodes on loopback, plain python; checkpoints, resume equivalence, accumulation equivalence, LoRA with
-added tokens, and bad inputs failing before step 1.
+nodes on loopback and as 2 ranks on one node (the resume), plain python; checkpoints, resume
+equivalence, accumulation equivalence, LoRA with added tokens, and bad inputs failing before step 1.
 
 The learnable task: documents count upwards (w_s, w_s+1, ...), so the loss falls within a few steps.
 """
@@ -15,20 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_testlib import (REPO, VENV_BIN, build_tokenizer, free_port, losses, only_run_dir,
-                             run_env, run_train, write_dataset)
+from trainer_testlib import (COMMON, REPO, STEPS, VENV_BIN, base_args, build_tokenizer,
+                             check_ok, free_port, losses, only_run_dir, run_env, run_train,
+                             run_trains, write_dataset)
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
-COMMON = ["--max_steps", str(STEPS), "--learning_rate", "3e-3", "--lr_scheduler", "cosine",
-          "--warmup_ratio", "0.125", "--logging_steps", "1", "--seed", "7", "--precision", "fp32",
-          "--num_workers", "1"]
-
-
-def base_args(assets, out: Path, *extra: str, model: str = "llama") -> list[str]:
-    return ["--model_path", str(assets[model]), "--data_path", str(assets["train"]),
-            "--output_path", str(out), *COMMON, *extra]
+# STEPS, COMMON and base_args() live in trainer_testlib.py; the 2-rank ZeRO-2 run `zero2_run` (the
+# reference the resume, accumulation and multi-node runs are compared with) in conftest.py.
 
 
 def load_weights(ckpt: Path, name: str = "model.safetensors") -> dict:
@@ -42,17 +36,6 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------- ZeRO-2
-@pytest.fixture(scope="module")
-def zero2_run(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
-    run_train(base_args(assets, out, "--micro_batch_size", "1", "--gradient_accumulation_steps", "2",
-                        "--save_steps", "4", "--save_optimizer", "--zero_stage", "2",
-                        "--eval_data_path", str(assets["eval"]), "--eval_steps", "4",
-                        "--report_to", "tensorboard"),
-              launcher="deepspeed", nproc=2)
-    return only_run_dir(out)
-
-
 def test_zero2_two_ranks_loss_falls_and_checkpoints(zero2_run):
     ckpts = zero2_run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{STEPS}"
@@ -93,13 +76,18 @@ def test_zero2_checkpoint_loads_with_from_pretrained(zero2_run, assets):
 
 # ------------------------------------------------------------------------------------- resume
 def test_resume_equivalence_two_ranks(zero2_run, assets, tmp_path):
-    """Steps 5..8 after resuming from step_4 (new processes) equal the uninterrupted run's."""
+    """Steps 5..8 after resuming from step_4 (new processes) equal the uninterrupted run's.
+
+    The resumed run is launched by `torchrun --nproc_per_node 2` (the uninterrupted one by the
+    deepspeed launcher): the result must not depend on the launcher, and torchrun starts the ranks
+    ~9 s sooner. A 2-rank resume under the deepspeed launcher is
+    tests/reliability/test_trainer_killed.py::test_killed_mid_save_two_ranks."""
     straight = zero2_run / "checkpoints" / f"step_{STEPS}"
     run_train(base_args(assets, tmp_path, "--micro_batch_size", "1", "--gradient_accumulation_steps",
                         "2", "--zero_stage", "2", "--eval_data_path", str(assets["eval"]),
                         "--eval_steps", "4", "--load_ckpt_path", str(zero2_run / "checkpoints" /
                                                                       "step_4")),
-              launcher="deepspeed", nproc=2)
+              launcher="torchrun", nproc=2)
     resumed = only_run_dir(tmp_path) / "checkpoints" / f"step_{STEPS}"
     a, b = losses(straight), losses(resumed)
     assert len(b) == STEPS  # history carried over
@@ -114,19 +102,20 @@ def test_resume_equivalence_two_ranks(zero2_run, assets, tmp_path):
 def test_resume_with_other_world_size(zero2_run, assets, tmp_path):
     """ZeRO optimizer shards of 2 ranks cannot load on 1: refused before step 1 with the ways out.
     Weights-only (the engine checkpoint moved away): works on 1 rank, warns loudly, and continues
-    the LR schedule and the data position instead of restarting them."""
-    proc = run_train(base_args(assets, tmp_path / "a", "--micro_batch_size", "2",
-                               "--gradient_accumulation_steps", "2", "--load_ckpt_path",
-                               str(zero2_run)), check=False)
-    assert proc.returncode == 2
-    assert "saved by 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
-    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").rglob("train_log.jsonl"))
+    the LR schedule and the data position instead of restarting them. (The two 1-process runs
+    are independent: they run side by side.)"""
     weights_only = tmp_path / "step_4"
     shutil.copytree(zero2_run / "checkpoints" / "step_4", weights_only,
                     ignore=shutil.ignore_patterns("deepspeed"))
-    proc = run_train(base_args(assets, tmp_path / "b", "--micro_batch_size", "2",
-                               "--gradient_accumulation_steps", "2", "--load_ckpt_path",
-                               str(weights_only)))
+    refused, proc = run_trains([
+        base_args(assets, tmp_path / "a", "--micro_batch_size", "2", "--gradient_accumulation_steps",
+                  "2", "--load_ckpt_path", str(zero2_run)),
+        base_args(assets, tmp_path / "b", "--micro_batch_size", "2", "--gradient_accumulation_steps",
+                  "2", "--load_ckpt_path", str(weights_only))])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "saved by 2 ranks" in refused.stderr and "ds_to_universal" in refused.stderr
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").rglob("train_log.jsonl"))
+    check_ok(proc)
     assert "RESUMING WITHOUT OPTIMIZER STATE" in proc.stderr
     final = only_run_dir(tmp_path / "b") / "checkpoints" / f"step_{STEPS}"
     state = json.loads((final / "trainer_state.json").read_text())
@@ -139,13 +128,15 @@ def test_resume_with_other_world_size(zero2_run, assets, tmp_path):
 
 # ------------------------------------------------------------------------------------- accumulation
 def test_accumulation_and_rank_equivalence(zero2_run, assets, tmp_path):
-    """micro 4 x accum 1 == micro 1 x accum 4 (1 process) == micro 1 x accum 2 x 2 ranks."""
-    runs = {}
-    for name, micro, gas in (("m4", "4", "1"), ("a4", "1", "4")):
-        out = tmp_path / name
-        run_train(base_args(assets, out, "--micro_batch_size", micro,
-                            "--gradient_accumulation_steps", gas, "--zero_stage", "2"))
-        runs[name] = losses(only_run_dir(out) / "checkpoints" / f"step_{STEPS}")
+    """micro 4 x accum 1 == micro 1 x accum 4 (1 process) == micro 1 x accum 2 x 2 ranks.
+    (The two 1-process runs are independent: they run side by side.)"""
+    runs = {"m4": ("4", "1"), "a4": ("1", "4")}
+    procs = run_trains([base_args(assets, tmp_path / name, "--micro_batch_size", micro,
+                                  "--gradient_accumulation_steps", gas, "--zero_stage", "2")
+                        for name, (micro, gas) in runs.items()])
+    for name, proc in zip(runs, procs):
+        check_ok(proc)
+        runs[name] = losses(only_run_dir(tmp_path / name) / "checkpoints" / f"step_{STEPS}")
     two_ranks = losses(zero2_run / "checkpoints" / f"step_{STEPS}")
     assert np.max(np.abs(np.array(runs["m4"]) - np.array(runs["a4"]))) <= 1e-5, runs
     assert np.max(np.abs(np.array(runs["m4"]) - np.array(two_ranks))) <= 1e-5, (runs, two_ranks)
@@ -196,20 +187,42 @@ def tool_data(assets, tmp_path_factory):
     return write_dataset(root, "tools", tok, num_samples=64, seed=5, extra_ids=[124, 125])
 
 
-def test_lora_with_added_tokens_trains_saves_reloads_and_resumes(assets, tool_data, tmp_path):
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    lora_cfg = tmp_path / "lora.json"
+def lora_args(assets, tool_data, root: Path) -> list[str]:
+    lora_cfg = root / "lora.json"
     lora_cfg.write_text(json.dumps({"r": 8, "alpha": 16, "dropout": 0.0}))
-    args = ["--model_path", str(assets["llama"]), "--data_path", str(tool_data), *COMMON,
+    return ["--model_path", str(assets["llama"]), "--data_path", str(tool_data), *COMMON,
             "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--max_steps", "6",
             "--micro_batch_size", "4", "--use_lora",
             "--lora_config_path", str(lora_cfg), "--add_tokens", "<extra>", "--save_steps", "3",
             "--save_optimizer"]
-    run_train(args + ["--output_path", str(tmp_path / "a")])
-    run = only_run_dir(tmp_path / "a")
+
+
+@pytest.fixture(scope="module")
+def tool_runs(assets, tool_data, tmp_path_factory) -> dict:
+    """The first LoRA run of test_lora_with_added_tokens_... and the run of
+    test_token_id_beyond_vocab_..., side by side: two independent 1-process runs."""
+    from shardfmt import tokenizer_identity
+    root = tmp_path_factory.mktemp("tool_runs")
+    # the same tool data without the added tokens in the manifest: ids 124/125 >= 124 rows
+    bad = write_dataset(root, "bad", assets["tokenizer"], num_samples=8, seed=5,
+                        extra_ids=[124, 125], tokenizer_info=tokenizer_identity(assets["tokenizer"]))
+    args = lora_args(assets, tool_data, root)
+    lora, refused = run_trains([
+        args + ["--output_path", str(root / "a")],
+        ["--model_path", str(assets["llama"]), "--data_path", str(bad), "--output_path",
+         str(root / "out"), "--max_steps", "2"]])
+    return {"lora_args": args, "lora": lora, "lora_out": root / "a", "refused": refused,
+            "refused_out": root / "out"}
+
+
+def test_lora_with_added_tokens_trains_saves_reloads_and_resumes(assets, tool_runs, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = tool_runs["lora_args"]
+    check_ok(tool_runs["lora"])
+    run = only_run_dir(tool_runs["lora_out"])
     final = run / "checkpoints" / "step_6"
     curve = losses(final)
     assert curve[-1] < curve[0] - 0.1, curve  # r=8 adapters on a random tiny base learn slowly
@@ -240,14 +253,10 @@ def test_lora_with_added_tokens_trains_saves_reloads_and_resumes(assets, tool_da
 
 
 # ------------------------------------------------------------------------------------- bad inputs
-def test_token_id_beyond_vocab_fails_before_step_1(assets, tool_data, tmp_path):
-    """The same tool data without the added tokens in the manifest: ids 124/125 >= 124 rows."""
-    from shardfmt import tokenizer_identity
-    bad = write_dataset(tmp_path, "bad", assets["tokenizer"], num_samples=8, seed=5,
-                        extra_ids=[124, 125], tokenizer_info=tokenizer_identity(assets["tokenizer"]))
-    out = tmp_path / "out"
-    proc = run_train(["--model_path", str(assets["llama"]), "--data_path", str(bad), "--output_path",
-                      str(out), "--max_steps", "2"], check=False)
+def test_token_id_beyond_vocab_fails_before_step_1(tool_runs):
+    """The same tool data without the added tokens in the manifest: ids 124/125 >= 124 rows.
+    (The run is started by the tool_runs fixture, beside the first LoRA run.)"""
+    proc, out = tool_runs["refused"], tool_runs["refused_out"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "largest token id 125 >= embedding rows 124" in proc.stderr
     assert not out.exists() or not list(out.rglob("train_log.jsonl"))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,18 @@ def write_dataset(out_dir: Path, name: str, tokenizer, *, num_samples: int, seed
     return out_dir / name
 
 
+# The end-to-end runs (tests/trainer/test_e2e.py, and the ZeRO-2 run that conftest.py shares).
+STEPS = 8
+COMMON = ["--max_steps", str(STEPS), "--learning_rate", "3e-3", "--lr_scheduler", "cosine",
+          "--warmup_ratio", "0.125", "--logging_steps", "1", "--seed", "7", "--precision", "fp32",
+          "--num_workers", "1"]
+
+
+def base_args(assets, out: Path, *extra: str, model: str = "llama") -> list[str]:
+    return ["--model_path", str(assets[model]), "--data_path", str(assets["train"]),
+            "--output_path", str(out), *COMMON, *extra]
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -97,23 +110,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(args: list[str], *, launcher: str = "python", nproc: int = 1, timeout: int = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run trainer/train.py under `python`, `deepspeed --num_gpus N`, or `torchrun`."""
+def train_cmd(launcher: str = "python", nproc: int = 1) -> list[str]:
+    """trainer/train.py under `python` (1 process), `deepspeed --num_gpus N` or
+    `torchrun --nproc_per_node N` (one process fewer before the ranks start: ~9 s less here)."""
     script = str(REPO / "trainer" / "train.py")
     if launcher == "python":
-        cmd = [sys.executable, script]
-    elif launcher == "deepspeed":
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), script]
-    else:
-        raise ValueError(launcher)
-    proc = subprocess.run(cmd + args, cwd=REPO, env=run_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
+        return [sys.executable, script]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                str(free_port()), script]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port()), script]
+    raise ValueError(launcher)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_train(args: list[str], *, launcher: str = "python", nproc: int = 1, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run trainer/train.py under `python`, `deepspeed --num_gpus N` or `torchrun`."""
+    proc = subprocess.run(train_cmd(launcher, nproc) + args, cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return check_ok(proc) if check else proc
+
+
+def run_trains(arg_lists: list[list[str]], *,
+               timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Several independent single-process runs at once (not checked: see check_ok).
+
+    A short run of a tiny model is almost all interpreter start-up and imports (~15 s of one
+    core); two such runs side by side on the 2 cores cost about the time of one. Results do not
+    depend on it: every run is deterministic on CPU with OMP_NUM_THREADS=1."""
+    jobs = []
+    for args in arg_lists:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        jobs.append((subprocess.Popen(train_cmd() + args, cwd=REPO, env=run_env(), stdout=out,
+                                      stderr=err, text=True), out, err))
+    results = []
+    try:
+        for proc, out, err in jobs:
+            proc.wait(timeout=timeout)
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
+                                                       err.read()))
+    finally:
+        for proc, out, err in jobs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+            err.close()
+    return results
 
 
 def only_run_dir(output: Path) -> Path:
