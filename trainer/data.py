@@ -11,8 +11,9 @@ function emits, per token:
   segment_ids   document number inside the row (pads: -1, a segment of their own)
 
 `attention_mask_4d` turns segment ids into a block-diagonal causal mask (bool for sdpa, 0/min float
-for eager). flash_attention_2 uses `flatten=True` instead: the whole micro-batch becomes one row
-with restarting position ids and no mask (transformers then runs varlen attention, no padding).
+for eager). flash_attention_2 and sdpa_varlen (trainer/attention.py) use `flatten=True` instead:
+the whole micro-batch becomes one row with restarting position ids and no mask (varlen attention,
+no padding; sdpa_varlen also gets the document boundaries as cu_seq_lens_q/k).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from shardfmt import GlobalSampler, Sample
+from trainer.attention import VARLEN_SDPA, document_bounds
 from shardfmt.sampler import RankIterator
 
 IGNORE_INDEX = -100
+FLATTENED_ATTENTION = ("flash_attention_2", VARLEN_SDPA)  # one row per micro-batch, no padding
 
 
 def sample_row(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -87,7 +90,10 @@ def model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype,
     """Keyword arguments for the model's forward from a collated batch."""
     inputs = {"input_ids": batch["input_ids"].to(device),
               "position_ids": batch["position_ids"].to(device)}
-    if attn_implementation != "flash_attention_2":
+    if attn_implementation == VARLEN_SDPA:  # boundaries stay on the CPU: read once per layer
+        bounds = document_bounds(batch["segment_ids"])
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = bounds
+    elif attn_implementation != "flash_attention_2":
         inputs["attention_mask"] = attention_mask_4d(batch["segment_ids"].to(device),
                                                      attn_implementation, dtype)
     return inputs

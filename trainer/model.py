@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from shardfmt import vocab_hash
+from trainer.attention import VARLEN_MODEL_TYPES, VARLEN_SDPA, register_varlen_sdpa
 
 log = logging.getLogger("trainer")
 
@@ -32,13 +33,19 @@ def resolve_precision(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """auto: flash_attention_2 when flash_attn is installed and a GPU is present, else sdpa."""
+def resolve_attn_implementation(requested: str, model_type: str | None) -> str:
+    """auto: flash_attention_2 when flash_attn is installed and a GPU is present, else sdpa_varlen
+    (per-document SDPA on flattened micro-batches, trainer/attention.py) for the model types whose
+    attention it is checked for, else sdpa with a block-diagonal mask."""
+    if requested == VARLEN_SDPA and model_type not in VARLEN_MODEL_TYPES:
+        raise ValueError(f"--attn_implementation sdpa_varlen: not checked for model_type "
+                         f"{model_type!r} (only {', '.join(sorted(VARLEN_MODEL_TYPES))}); use "
+                         f"--attn_implementation sdpa")
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return VARLEN_SDPA if model_type in VARLEN_MODEL_TYPES else "sdpa"
 
 
 def load_tokenizer(path: str | Path):
@@ -131,6 +138,8 @@ def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_
     Under ZeRO-3 the caller must hold an HfDeepSpeedConfig so parameters load partitioned.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    if attn_implementation == VARLEN_SDPA:
+        register_varlen_sdpa()
     if from_scratch:
         config = AutoConfig.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,

@@ -118,11 +118,13 @@ class Trainer:
 
         # ---- precision, attention, DeepSpeed config
         self.dtype = mdl.resolve_precision(args.precision)
-        self.attn = mdl.resolve_attn_implementation(args.attn_implementation)
-        self.flatten = self.attn == "flash_attention_2"
         self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
         self.total_steps = total_steps_for(args, len(self.train_ds), self.global_batch)
         model_cfg = AutoConfig.from_pretrained(args.model_path)
+        self.attn = mdl.resolve_attn_implementation(args.attn_implementation,
+                                                    getattr(model_cfg, "model_type", None))
+        from trainer.data import FLATTENED_ATTENTION
+        self.flatten = self.attn in FLATTENED_ATTENTION
         raw, cfg_path = dsc.read_config(args)
         values = dsc.auto_values(args, world_size=info.world_size,
                                  precision=_precision_name(self.dtype),
