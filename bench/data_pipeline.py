@@ -10,15 +10,17 @@ Data: alpaca en+zh (1,999 documents) encoded by `encoder/main.py --encode_type q
 Pipeline side, for micro-batch 1 and 4 and DataLoader num_workers 0 and 1: the loader is
 `trainer.data.train_loader` (GlobalSampler shuffle, RankSampler, `collate`: padding, labels,
 position ids, segment ids), exactly as trainer/train.py builds it for a 1-rank run, and every
-batch also goes through `trainer.data.model_inputs(batch, "sdpa", fp32, cpu)`, which builds the
-(B, 1, L, L) block-diagonal causal mask in the main process, as the training step does.
+batch also goes through `trainer.data.model_inputs(batch, ATTN, fp32, cpu)` in the main process,
+as the training step does. `--attn` (ATTN) is the trainer's: `sdpa_varlen` (its default here:
+micro-batch flattened into one row, document boundaries) or `sdpa` (padding and the (B, 1, L, L)
+block-diagonal causal mask).
 No torch.distributed group is needed (train_loader takes rank/world size as arguments).
 Timed: `--batches` batches after the first one (the first pays the worker start-up), per repeat a
 fresh loader; tokens = real (non-pad) tokens, loss tokens = labels != -100.
 
 Consumption side (at `--consumption_micro_batch`, default 1 packed sample = 2,048 tokens per
 step; tokens/s per step does not improve at micro-batch 4): one optimizer step of the tiny Llama (llama2 vocab 32,000, hidden 64, 2 layers,
-fp32, sdpa, AdamW) per micro-batch of packed samples: forward with the 4D mask and the
+fp32, `--attn`, AdamW) per micro-batch of packed samples: forward and the
 trainer's loss (`trainer.loss.forward_loss_sum`, fused head), backward, AdamW step. Plain torch without the DeepSpeed engine, so
 this is an upper bound of what the trainer consumes (its engine only adds time): the reported
 ratio pipeline/consumption is a lower bound. Inputs are pre-collated, so the step time holds no
@@ -98,34 +100,35 @@ def ensure_model(out: Path, shared: Path = SHARED) -> Path:
     return d
 
 
-def load_tiny_model(model_dir: Path, attn: str = "sdpa"):
+def load_tiny_model(model_dir: Path, attn: str):
     import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                 attn_implementation=attn)
-    model.config.use_cache = False
-    return model.train()
+
+    from trainer.model import load_model
+    return load_model(str(model_dir), from_scratch=False, dtype=torch.float32,
+                      attn_implementation=attn).train()
 
 
 # -- pipeline side --------------------------------------------------------------------------------
-def measure_pipeline(ds, *, micro_batch: int, workers: int, batches: int, seed: int) -> dict:
+def measure_pipeline(ds, *, micro_batch: int, workers: int, batches: int, seed: int,
+                     attn: str) -> dict:
     import torch
 
     from shardfmt import GlobalSampler
-    from trainer.data import count_loss_tokens, model_inputs, train_loader
+    from trainer.data import FLATTENED_ATTENTION, count_loss_tokens, model_inputs, train_loader
     sampler = GlobalSampler(len(ds), seed=seed, shuffle=True)
     loader = train_loader(ds, sampler, start=0, rank=0, world_size=1, micro_batch_size=micro_batch,
-                          pad_id=0, flatten=False, num_workers=workers, seed=seed)
+                          pad_id=0, flatten=attn in FLATTENED_ATTENTION, num_workers=workers,
+                          seed=seed)
     it = iter(loader)
-    model_inputs(next(it), "sdpa", torch.float32, torch.device("cpu"))  # worker start-up, warm-up
+    model_inputs(next(it), attn, torch.float32, torch.device("cpu"))  # worker start-up, warm-up
     tokens = loss_tokens = padded = 0
     t0 = time.perf_counter()
     for _ in range(batches):
         batch = next(it)
-        inputs = model_inputs(batch, "sdpa", torch.float32, torch.device("cpu"))
+        model_inputs(batch, attn, torch.float32, torch.device("cpu"))
         tokens += batch["num_tokens"]
         loss_tokens += count_loss_tokens(batch)
-        padded += inputs["attention_mask"].shape[0] * inputs["attention_mask"].shape[-1]
+        padded += batch["input_ids"].numel()
     elapsed = time.perf_counter() - t0
     del it  # shuts the worker down
     return {"batches_per_s": batches / elapsed, "tokens_per_s": tokens / elapsed,
@@ -133,7 +136,7 @@ def measure_pipeline(ds, *, micro_batch: int, workers: int, batches: int, seed: 
 
 
 # -- consumption side -----------------------------------------------------------------------------
-def measure_step(model, optimizer, batches: list[dict]) -> dict:
+def measure_step(model, optimizer, batches: list[dict], attn: str) -> dict:
     """Optimizer steps over pre-collated micro-batches (one micro-batch per step)."""
     import torch
 
@@ -143,7 +146,7 @@ def measure_step(model, optimizer, batches: list[dict]) -> dict:
     tokens = loss_tokens = 0
     t0 = time.perf_counter()
     for batch in batches:
-        loss = forward_loss_sum(model, model_inputs(batch, "sdpa", torch.float32, torch.device("cpu")),
+        loss = forward_loss_sum(model, model_inputs(batch, attn, torch.float32, torch.device("cpu")),
                                 batch["labels"], fused=fused) / max(count_loss_tokens(batch), 1)
         loss.backward()
         optimizer.step()
@@ -155,17 +158,20 @@ def measure_step(model, optimizer, batches: list[dict]) -> dict:
             "loss_tokens_per_s": loss_tokens / elapsed}
 
 
-def collated(ds, micro_batch: int, count: int, seed: int) -> list[dict]:
+def collated(ds, micro_batch: int, count: int, seed: int, attn: str) -> list[dict]:
     from shardfmt import GlobalSampler
-    from trainer.data import collate
+    from trainer.data import FLATTENED_ATTENTION, collate
     idx = GlobalSampler(len(ds), seed=seed).indices(range(micro_batch * count)).tolist()
-    return [collate([ds[i] for i in idx[k:k + micro_batch]], pad_id=0)
+    return [collate([ds[i] for i in idx[k:k + micro_batch]], pad_id=0,
+                    flatten=attn in FLATTENED_ATTENTION)
             for k in range(0, len(idx), micro_batch)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--micro_batches", default="1,4")
+    ap.add_argument("--attn", default="sdpa_varlen", choices=("sdpa_varlen", "sdpa"),
+                    help="the trainer's attention path (sdpa_varlen: its default on CPU)")
     ap.add_argument("--workers", default="0,1")
     ap.add_argument("--batches", type=int, default=120,
                     help="timed batches per pipeline run at micro-batch 1 (divided by the micro-batch)")
@@ -193,18 +199,20 @@ def main() -> None:
 
     pipe: dict[str, list[dict]] = {}
     cons: dict[str, list[dict]] = {}
-    model = load_tiny_model(model_dir)
+    model = load_tiny_model(model_dir, args.attn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=False)
     cmb = args.consumption_micro_batch
-    measure_step(model, optimizer, collated(ds, cmb, 1, args.seed + 99))  # warm-up step
+    measure_step(model, optimizer, collated(ds, cmb, 1, args.seed + 99, args.attn),
+                 args.attn)  # warm-up step
     for r in range(args.repeats):  # interleaved: the machine is shared
         for mb in mbs:
             for w in workers:
                 pipe.setdefault(f"{mb}/{w}", []).append(measure_pipeline(
                     ds, micro_batch=mb, workers=w, batches=max(10, args.batches // mb),
-                    seed=args.seed + r))
+                    seed=args.seed + r, attn=args.attn))
         cons.setdefault("step", []).append(
-            measure_step(model, optimizer, collated(ds, cmb, args.steps, args.seed + r)))
+            measure_step(model, optimizer, collated(ds, cmb, args.steps, args.seed + r, args.attn),
+                         args.attn))
     med = lambda runs: {k: statistics.median(x[k] for x in runs) for k in runs[0]}  # noqa: E731
     pmed = {k: med(v) for k, v in pipe.items()}
     cmed = {k: med(v) for k, v in cons.items()}
@@ -212,7 +220,7 @@ def main() -> None:
     print(f"dataset: {ds.num_tokens:,} tokens in {len(ds)} packed samples (alpaca en+zh, llama2, "
           f"--merge_data --max_length {MAX_LENGTH}); model: tiny Llama hidden "
           f"{TINY_LLAMA['hidden_size']}, {TINY_LLAMA['num_hidden_layers']} layers, vocab "
-          f"{TINY_LLAMA['vocab_size']}, fp32, sdpa; {args.threads} torch thread(s); "
+          f"{TINY_LLAMA['vocab_size']}, fp32, {args.attn}; {args.threads} torch thread(s); "
           f"medians of {args.repeats} runs\n")
     print("| micro-batch | workers | batches/s | tokens/s | loss tokens/s | training step consumes "
           "(tokens/s) | pipeline / consumption |\n|---|---|---|---|---|---|---|")
@@ -222,7 +230,7 @@ def main() -> None:
             print(f"| {mb} | {w} | {p['batches_per_s']:,.1f} | {p['tokens_per_s']:,.0f} | "
                   f"{p['loss_tokens_per_s']:,.0f} | {c['tokens_per_s']:,.0f} "
                   f"({c['steps_per_s']:.2f} steps/s) | {p['tokens_per_s'] / c['tokens_per_s']:,.0f}× |")
-    print("\nPipeline: `train_loader` + `model_inputs` (block-diagonal 4D bool mask) per batch. "
+    print(f"\nPipeline: `train_loader` + `model_inputs` ({args.attn}) per batch. "
           "Consumption: forward + loss + backward + AdamW step of the tiny model on the same "
           f"packed data at micro-batch {cmb} (per token, micro-batch 4 is not cheaper: the "
           "vocabulary projection is linear in tokens), without DeepSpeed (an upper bound of the "
