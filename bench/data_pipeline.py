@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa_varlen", choices=("sdpa_varlen", "sdpa"),
                     help="the trainer's attention path (sdpa_varlen: its default on CPU)")
     ap.add_argument("--workers", default="0,1")
-    ap.add_argument("--batches", type=int, default=120,
+    ap.add_argument("--batches", type=int, default=60,
                     help="timed batches per pipeline run at micro-batch 1 (divided by the micro-batch)")
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per consumption run")
     ap.add_argument("--consumption_micro_batch", type=int, default=1)
