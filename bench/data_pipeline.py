@@ -1,4 +1,4 @@
-"""Data pipeline: batches/s and tokens/s out of the trainer's own DataLoader + collate + 4D masks,
+"""Data pipeline: batches/s and tokens/s out of the trainer's own DataLoader + collate + model inputs,
 against the tokens/s a training step of the tiny benchmark model consumes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/data_pipeline.py --repeats 3

@@ -162,7 +162,7 @@ class _ShardFiles:
 def index_problem(arrays: dict, h: IndexHeader) -> str | None:
     """The first sample whose offsets, document lengths or loss spans a read could not trust.
 
-    Vectorised over the whole index (~5 ms per 200k samples, once per process and shard), so that
+    Vectorised over the whole index (~15 ms per 100k samples, once per process and shard), so that
     `sample()` reads without per-read checks. Checked: every sample's token/doc/span ranges lie
     inside the arrays and do not run backwards; its document lengths sum to its token count; its
     loss spans lie inside it. (`python -m shardfmt verify` checks the rest: checksums, span order,
