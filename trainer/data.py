@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from shardfmt import GlobalSampler, Sample
-from trainer.attention import VARLEN_SDPA, document_bounds
 from shardfmt.sampler import RankIterator
+from trainer.attention import VARLEN_SDPA, document_bounds
 
 IGNORE_INDEX = -100
 FLATTENED_ATTENTION = ("flash_attention_2", VARLEN_SDPA)  # one row per micro-batch, no padding
