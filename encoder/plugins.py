@@ -116,16 +116,29 @@ def part_bounds(part: int, num_parts: int, total: int) -> tuple[int, int]:
     return part * total // num_parts, (part + 1) * total // num_parts
 
 
+def part_kwargs(plugin: Plugin, part: tuple[int, int]) -> dict[str, int] | None:
+    """The keywords that tell a part-aware plugin its part: `part_index`/`num_parts` (or the older
+    `part`/`num_parts`); None if `data_loader` takes neither pair."""
+    if not plugin.accepts("num_parts"):
+        return None
+    for name in ("part_index", "part"):
+        if plugin.accepts(name):
+            return {name: part[0], "num_parts": part[1]}
+    return None
+
+
 def iter_part(plugin: Plugin, kwargs: dict, *, part: tuple[int, int] | None) -> Iterator[tuple[int, Any]]:
-    """Rows of this part. Plugins taking `part`/`num_parts` are told and slice themselves;
-    otherwise the encoder counts the rows and keeps the contiguous slice `part_bounds`."""
+    """Rows of this part. Plugins taking `part_index`/`num_parts` are told and yield only their
+    part (encoder/input_files.py has the helpers); otherwise the encoder counts the rows and keeps
+    the contiguous slice `part_bounds`."""
     if part is None:
         yield from raw_rows(plugin, kwargs)
         return
-    i, n = part
-    if plugin.accepts("part") and plugin.accepts("num_parts"):
-        yield from raw_rows(plugin, {**kwargs, "part": i, "num_parts": n})
+    told = part_kwargs(plugin, part)
+    if told is not None:
+        yield from raw_rows(plugin, {**kwargs, **told})
         return
+    i, n = part
     start, stop = part_bounds(i, n, count_rows(plugin, kwargs))
     yield from itertools.islice(raw_rows(plugin, kwargs), start, stop)
 

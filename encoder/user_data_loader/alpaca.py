@@ -3,12 +3,14 @@
     llm-encode --encode_type qa --data_loader_path encoder/user_data_loader/alpaca.py \
         --data_loader_args path=../shared/data/alpaca_en_demo.json ...
 
-A record's optional "system" is passed on. `path` may list several files, comma-separated.
-Accepts part/num_parts (contiguous slice of records).
+A record's optional "system" is passed on. `path`: JSON arrays or JSON Lines (`.jsonl`) files,
+comma-separated, globs and s3:// / gs:// URLs. Part-aware (part_index/num_parts): `.jsonl` input is
+cut by bytes, so part k reads ~1/N of it; JSON arrays are parsed whole and sliced by record.
 """
 
-import json
 from pathlib import Path
+
+from encoder.input_files import expand_paths, json_records_of_part
 
 DEFAULT_PATH = Path(__file__).with_name("sample_alpaca.json")
 
@@ -24,11 +26,6 @@ def to_qa(record: dict) -> dict:
     return row
 
 
-def data_loader(path=str(DEFAULT_PATH), part=None, num_parts=None):
-    records = [r for one in str(path).split(",")
-               for r in json.loads(Path(one).read_text(encoding="utf-8"))]
-    if part is not None:
-        n = len(records)
-        records = records[int(part) * n // int(num_parts):(int(part) + 1) * n // int(num_parts)]
-    for record in records:
+def data_loader(path=str(DEFAULT_PATH), part_index=None, num_parts=None):
+    for record in json_records_of_part(expand_paths(str(path)), part_index, num_parts):
         yield to_qa(record)

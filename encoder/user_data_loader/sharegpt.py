@@ -5,11 +5,14 @@
 
 Roles: system -> system, human/user -> user, gpt/assistant -> assistant; tool-calling data maps
 function_call -> assistant and observation -> user. A record-level "system" string is used as the
-system message. Unknown roles raise (the encoder names the row). Accepts part/num_parts.
+system message. Unknown roles raise (the encoder names the row). `path`: JSON arrays or JSON Lines
+(`.jsonl`), comma-separated, globs and s3:// / gs:// URLs. Part-aware (part_index/num_parts):
+`.jsonl` input is cut by bytes (part k reads ~1/N); JSON arrays are parsed whole, sliced by record.
 """
 
-import json
 from pathlib import Path
+
+from encoder.input_files import expand_paths, json_records_of_part
 
 DEFAULT_PATH = Path(__file__).with_name("sample_sharegpt.json")
 ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -28,11 +31,6 @@ def to_messages(record: dict) -> dict:
     return {"messages": messages}
 
 
-def data_loader(path=str(DEFAULT_PATH), part=None, num_parts=None):
-    records = [r for one in str(path).split(",")
-               for r in json.loads(Path(one).read_text(encoding="utf-8"))]
-    if part is not None:
-        n = len(records)
-        records = records[int(part) * n // int(num_parts):(int(part) + 1) * n // int(num_parts)]
-    for record in records:
+def data_loader(path=str(DEFAULT_PATH), part_index=None, num_parts=None):
+    for record in json_records_of_part(expand_paths(str(path)), part_index, num_parts):
         yield to_messages(record)
