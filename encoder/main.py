@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Any, Iterable, Iterator  # noqa: E402
+from typing import Any, Callable, Iterable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -62,8 +62,9 @@ def io_error_text(e: OSError, args: Any) -> str:
             f"free space or fix permissions, then re-run with --overwrite)")
 
 
-def run(args: Any) -> dict:
-    """Encode according to parsed `args`; returns the stats dict."""
+def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Encode according to parsed `args`; returns the stats dict. `progress(rows, tokens)`, if
+    given, is called every 256 rows with the counts so far (encoder.distributed reports them)."""
     started = time.time()
     part = parse_part(args.part)
     plugin = load_plugin(args.data_loader_path)
@@ -80,7 +81,8 @@ def run(args: Any) -> dict:
           file=sys.stderr)
     started = time.time()
     stats = RunStats(max_length=args.max_length)
-    samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder, stats=stats)
+    samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder, stats=stats,
+                            progress=progress)
     if args.analyze:
         if args.plot:
             print("note: --plot is ignored with --analyze (nothing is written)", file=sys.stderr)
@@ -103,36 +105,43 @@ def tokenizer_loader_name(tok: Any) -> str:
 
 
 def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
-                  encoder: SampleEncoder, stats: RunStats) -> Iterator[Sample]:
+                  encoder: SampleEncoder, stats: RunStats,
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
     """plugin rows -> validated batches -> encoded docs (in order) -> training samples."""
     rows = iter_part(plugin, parse_kv_args(args.data_loader_args), part=part)
     batches = validated_batches(rows, encode_type=args.encode_type, plugin_path=plugin.path,
                                 skip_invalid=args.skip_invalid, stats=stats)
     encoded = with_progress(encode_batches(batches, spec=spec, num_workers=args.num_workers,
-                                           encoder=encoder))
+                                           encoder=encoder), progress)
     docs = accepted_docs(encoded, stats=stats, plugin_path=plugin.path,
                          skip_invalid=args.skip_invalid)
     return to_samples(docs, args=args, stats=stats)
 
 
 # -- stream stages --------------------------------------------------------------------------------
-def with_progress(items: Iterable[tuple[int, Encoded]]) -> Iterator[tuple[int, Encoded]]:
-    """tqdm bar over rows with tokens/s (shown on a terminal only)."""
+def with_progress(items: Iterable[tuple[int, Encoded]],
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, Encoded]]:
+    """tqdm bar over rows with tokens/s (shown on a terminal only); `progress(rows, tokens)`."""
     from tqdm import tqdm
 
     bar = tqdm(unit=" rows", dynamic_ncols=True, disable=None, file=sys.stderr)
-    start, tokens, pending = time.time(), 0, 0
+    start, tokens, pending, rows = time.time(), 0, 0, 0
     try:
         for item in items:
             tokens += item[1].raw_len
             pending += 1
             if pending == 256:
                 bar.update(pending)
+                rows += pending
+                if progress is not None:
+                    progress(rows, tokens)
                 pending = 0
                 bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tok/s",
                                     refresh=False)
             yield item
         bar.update(pending)
+        if progress is not None:
+            progress(rows + pending, tokens)
     finally:
         bar.close()
 
