@@ -50,6 +50,9 @@ def _filesystem(path: str) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(path)
     except ImportError as e:  # fsspec names the missing backend package
         raise ImportError(f"{path}: {e} (pip install \"llm-shards[distributed]\")") from None
+    except ValueError as e:   # "Protocol not known"
+        raise ValueError(f"{path}: {e}; use a local path or a URL fsspec knows (s3://, gs://, "
+                         f"https://, ...)") from None
 
 
 def expand_paths(spec: str | Sequence[str]) -> list[str]:
