@@ -280,8 +280,8 @@ def publish_attempt(attempt: Path, layout: Layout, index: int) -> None:
 class Progress:
     """Parts done, retries and aggregate tokens/s for the driver's progress lines."""
 
-    def __init__(self, layout: Layout, todo: Sequence[int], *, out=sys.stderr):
-        self.layout, self.todo, self.out = layout, list(todo), out
+    def __init__(self, layout: Layout, todo: Sequence[int], *, out: Any = None):
+        self.layout, self.todo, self.out = layout, list(todo), out or sys.stderr
         self.skipped = layout.num_parts - len(self.todo)
         self.done: dict[int, dict] = {}
         self.failed: dict[int, str] = {}

@@ -1,0 +1,297 @@
+"""encoder.distributed: parts + merge equal a single-process run, relaunches skip complete parts,
+bad input is refused; the Slurm script's dry run; and (slow) a real 2-node local Ray cluster
+where one worker is killed in the middle of a part."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from encoder_testlib import PLUGINS, REPO
+from shardfmt import open_dataset
+
+SLOW_PLUGIN = str(Path(__file__).with_name("slow_part_plugin.py"))
+
+
+def read_samples(path) -> list[tuple[list[int], list[bool], list[int]]]:
+    ds = open_dataset(str(path))
+    return [(ds[i].input_ids.tolist(), ds[i].loss_mask.tolist(), ds[i].doc_lens.tolist())
+            for i in range(len(ds))]
+
+
+def docs_of(path) -> Counter:
+    """Multiset of (document ids, mask) over a dataset: what packing must preserve."""
+    out: Counter = Counter()
+    for ids, mask, lens in read_samples(path):
+        pos = 0
+        for n in lens:
+            out[(tuple(ids[pos:pos + n]), tuple(mask[pos:pos + n]))] += 1
+            pos += n
+    return out
+
+
+@pytest.fixture
+def dist(capsys):
+    """dist(*flags) -> (exit code, stdout, stderr) of encoder.distributed.main, in-process."""
+    from encoder.distributed import main
+
+    def run(*flags: str) -> tuple[int, str, str]:
+        code = main([str(f) for f in flags])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
+@pytest.fixture
+def single(run_cli):
+    """single(*encoder flags, out=DIR) -> the dataset of one plain encoder run."""
+    def run(*flags, out: Path) -> Path:
+        code, _, err = run_cli(*flags, out=out)
+        assert code == 0, err
+        return out / "c"
+    return run
+
+
+def qa_flags(tok: str, plugin: str = SLOW_PLUGIN, *extra: str) -> list[str]:
+    return ["--tokenizer_path", tok, "--data_loader_path", plugin, "--encode_type", "qa",
+            "--max_length", "64", *extra]
+
+
+def test_local_parts_merge_equal_a_single_run_and_relaunch_skips(dist, single, tmp_path,
+                                                                  hermetic_tokenizer_dir):
+    flags = qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=90")
+    ref = single(*flags, out=tmp_path / "single")
+    code, out, err = dist("--engine", "local", "--num_parts", 3, *flags,
+                          "--output_path", tmp_path / "d", "--corpus_name", "c")
+    assert code == 0, err
+    assert "parts 3/3 done" in err and "tokens/s" in err and "merged 3 parts" in out
+    assert read_samples(tmp_path / "d" / "c") == read_samples(ref)    # same samples, same order
+    (job,) = (tmp_path / "d" / "c.parts").iterdir()
+    assert json.loads((job / "job.json").read_text())["num_parts"] == 3
+    assert not list(job.glob(".attempt-*"))
+    manifest = (tmp_path / "d" / "c" / "manifest.json").read_bytes()
+    code, out, err = dist("--engine", "local", "--num_parts", 3, *flags,
+                          "--output_path", tmp_path / "d", "--corpus_name", "c")
+    assert code == 0 and "3 complete, 0 to encode" in err, err
+    assert json.loads((tmp_path / "d" / "c" / "manifest.json").read_bytes())["shards"] == \
+        json.loads(manifest)["shards"]
+
+
+def test_packed_and_pretrain_parts_keep_every_document(dist, single, tmp_path,
+                                                       hermetic_tokenizer_dir):
+    packed = qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=60",
+                      "--merge_data", "--max_length", "128")
+    ref = single(*packed, out=tmp_path / "single")
+    assert dist("--engine", "local", "--num_parts", 2, *packed, "--output_path", tmp_path / "d",
+                "--corpus_name", "c")[0] == 0
+    assert docs_of(tmp_path / "d" / "c") == docs_of(ref)      # the same documents, each once
+    text = ["--tokenizer_path", hermetic_tokenizer_dir, "--data_loader_path",
+            str(PLUGINS / "text.py"), "--encode_type", "pretrain", "--max_length", "32"]
+    ref = single(*text, out=tmp_path / "single_text")
+    assert dist("--engine", "local", "--num_parts", 2, *text, "--output_path", tmp_path / "t",
+                "--corpus_name", "c")[0] == 0
+    flat = lambda path: [t for ids, _, _ in read_samples(path) for t in ids]  # noqa: E731
+    assert flat(tmp_path / "t" / "c") == flat(ref)   # pretrain: the same token stream
+
+
+def test_slurm_style_only_parts_then_merge_only(dist, tmp_path, hermetic_tokenizer_dir):
+    flags = [*qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=20"),
+             "--output_path", tmp_path / "d", "--corpus_name", "c"]
+    assert dist("--engine", "local", "--num_parts", 2, "--only_parts", "1", *flags)[0] == 0
+    assert not (tmp_path / "d" / "c").exists()
+    code, _, err = dist("--engine", "local", "--num_parts", 2, "--merge_only", *flags)
+    assert code == 1 and "1 of 2 parts are not complete (0)" in err, err
+    assert dist("--engine", "local", "--num_parts", 2, "--only_parts", "0", *flags)[0] == 0
+    assert dist("--engine", "local", "--num_parts", 2, "--merge_only", *flags)[0] == 0
+    assert len(open_dataset(str(tmp_path / "d" / "c"))) == 20
+
+
+def test_bad_rows_flags_and_existing_output(dist, write_plugin, tmp_path, hermetic_tokenizer_dir):
+    rows = [{"q": f"q{i}", "a": f"a{i}"} for i in range(6)] + [{"q": "no answer"}]
+    base = [*qa_flags(hermetic_tokenizer_dir, write_plugin(rows)),
+            "--output_path", tmp_path / "d", "--corpus_name", "c"]
+    code, _, err = dist("--engine", "local", "--num_parts", 2, *base)
+    assert code == 2 and "part 1: RowError" in err and "row 6" in err and "'a' is missing" in err
+    code, _, err = dist("--engine", "local", "--num_parts", 2, "--part", "0/2", *base)
+    assert code == 2 and "--part is set by encoder.distributed" in err
+    code, _, err = dist("--engine", "local", "--num_parts", 0, *base)
+    assert code == 2 and "--num_parts 0" in err
+    (tmp_path / "d" / "c").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d" / "c" / "manifest.json").write_text("{}")
+    good = [*qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=8"),
+            "--output_path", tmp_path / "d", "--corpus_name", "c"]
+    code, _, err = dist("--engine", "local", "--num_parts", 2, *good)
+    assert code == 2 and "already holds a complete dataset; pass --overwrite" in err
+    assert dist("--engine", "local", "--num_parts", 2, *good, "--overwrite")[0] == 0
+    assert len(open_dataset(str(tmp_path / "d" / "c"))) == 8
+
+
+def test_help_lists_our_flags_and_the_encoders():
+    res = subprocess.run([sys.executable, "-m", "encoder.distributed", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for flag in ("--engine", "--address", "--num_parts", "--cpus_per_part", "--max_retries",
+                 "--only_parts", "--merge_only", "--tokenizer_path", "--merge_data"):
+        assert flag in res.stdout
+
+
+# -- Slurm ----------------------------------------------------------------------------------------
+def test_slurm_script_dry_run_prints_the_array_and_the_dependent_merge():
+    script = REPO / "run_scripts" / "encode_slurm.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1"}, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("sbatch")]
+    assert len(lines) == 2, res.stdout
+    assert "--array=0-7" in lines[0] and "--only_parts" in lines[0]
+    assert "--dependency=afterok:" in lines[1] and "--merge_only" in lines[1]
+
+
+# -- a real local Ray cluster: head + a second node, one worker killed mid-part ------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """pids whose command line contains `marker` (our unique Ray temp dirs)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+class LocalRayCluster:
+    """`ray start --head` and `ray start --address` on 127.0.0.1, each `--block`ed in its own
+    session with its own temp dir; stop() ends exactly these processes (process groups, then any
+    process still naming one of our temp dirs), never other Ray instances on the machine."""
+
+    def __init__(self, cpus_per_node: int = 1):
+        self.root = tempfile.mkdtemp(prefix="rayi18-", dir="/tmp")  # short: unix socket paths
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.cpus = cpus_per_node
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _start(self, name: str, *flags: str) -> None:
+        log = open(Path(self.root) / f"{name}.log", "w")
+        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
+               f"--temp-dir={self.root}/{name}", "--disable-usage-stats", *flags]
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, env=self.env))
+
+    def start(self) -> None:
+        self._start("head", "--head", f"--port={self.port}", "--include-dashboard=false",
+                    "--dashboard-agent-listen-port", str(free_port()))
+        wait_for(lambda: _port_open(self.port), 60, "the Ray head's GCS port")
+        self._start("worker", f"--address={self.address}", "--dashboard-agent-listen-port",
+                    str(free_port()))
+        wait_for(lambda: self.alive_nodes() >= 2, 90, "the second Ray node")
+
+    def alive_nodes(self) -> int:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"ray start exited with {p.returncode}: see {self.root}/*.log")
+        res = subprocess.run(["ray", "status", f"--address={self.address}"], capture_output=True,
+                             text=True, env=self.env, timeout=60)
+        active = res.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in res.stdout \
+            else ""
+        return active.count("node_")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for _ in range(50):   # raylet/workers that left the process group, by our temp dir
+            left = processes_mentioning(self.root)
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(cond, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not cond():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_ray_two_node_cluster_retries_a_killed_part(single, tmp_path, hermetic_tokenizer_dir):
+    pytest.importorskip("ray", reason="Ray not installed (pip install 'llm-shards[distributed]')")
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    flags = qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN)
+    ref = single(*flags, "--data_loader_args", "rows=400", out=tmp_path / "single")
+    cluster = LocalRayCluster()
+    try:
+        cluster.start()
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "encoder.distributed", "--engine", "ray", "--address",
+             cluster.address, "--num_parts", "4", "--max_retries", "2", *flags,
+             "--data_loader_args", "rows=400", "delay=0.01", f"pid_dir={pid_dir}",
+             "--output_path", str(tmp_path / "d"), "--corpus_name", "c"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            wait_for(lambda: list(pid_dir.glob("part1-*")) or driver.poll() is not None, 120,
+                     "part 1 to start")
+            (victim,) = [int(p.name.split("-")[1]) for p in pid_dir.glob("part1-*")]
+            assert not list((tmp_path / "d" / "c.parts").glob("*/part-00001-of-00004"))  # mid-part
+            os.kill(victim, signal.SIGKILL)
+            out, _ = driver.communicate(timeout=240)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+        assert driver.returncode == 0, out
+        assert "2 node(s)" in out and "retried" in out, out
+        second = [int(p.name.split("-")[1]) for p in pid_dir.glob("part1-*") if
+                  int(p.name.split("-")[1]) != victim]
+        assert second, "part 1 was not run again after its worker was killed"
+        assert read_samples(tmp_path / "d" / "c") == read_samples(ref)
+        (job,) = (tmp_path / "d" / "c.parts").iterdir()
+        assert not list(job.glob(".attempt-*"))
+        print(out)
+    finally:
+        cluster.stop()
+    assert not processes_mentioning(cluster.root)
