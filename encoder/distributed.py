@@ -51,6 +51,8 @@ REPORT_SECONDS = 1.0       # a task reports its token count to the driver at mos
 VOLATILE_FLAGS = ("output_path", "corpus_name", "overwrite", "num_workers", "plot", "part",
                   "analyze")
 ENGINES = ("ray", "local")
+# Set per part by encode_part (flag -> takes a value); removed from the flags the parts get.
+PER_PART_FLAGS = {"--output_path": True, "--corpus_name": True, "--overwrite": False}
 
 EPILOG = """\
 examples:
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
       "pair with the encoder's --num_workers to tokenize with several processes per part).")
     a("--max_retries", type=int, default=3, help="times Ray re-runs a part whose worker died or "
       "that raised an unexpected error (default 3); bad data or flags are not retried.")
+    a("--ship_code", action="store_true", help="send this checkout's encoder/ and shardfmt/ to "
+      "the Ray workers (runtime_env py_modules) instead of using the version installed on each "
+      "node; costs a few seconds per node on first use.")
     a("--only_parts", default=None, metavar="I[,J...]", help="encode only these parts and do not "
       "merge (one Slurm array task per part).")
     a("--merge_only", action="store_true", help="encode nothing: merge if every part is complete, "
@@ -147,8 +152,8 @@ def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Nam
         problems.append(f"--cpus_per_part {ours.cpus_per_part}: must be > 0")
     if ours.max_retries < 0:
         problems.append(f"--max_retries {ours.max_retries}: must be >= 0")
-    if ours.address and ours.engine != "ray":
-        problems.append("--address needs --engine ray")
+    if (ours.address or ours.ship_code) and ours.engine != "ray":
+        problems.append("--address and --ship_code need --engine ray")
     if ours.only_parts is not None and ours.merge_only:
         problems.append("--only_parts and --merge_only exclude each other")
     enc = build_encoder_parser().parse_args(rest)   # exits 2 with the encoder's usage on bad flags
@@ -165,7 +170,22 @@ def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Nam
     check_args(enc)   # the encoder's own cross-flag checks (ValueError naming the flag)
     if not Path(enc.data_loader_path).is_file():
         raise UsageError(f"--data_loader_path {enc.data_loader_path}: no such file")
-    return ours, enc, list(rest)
+    return ours, enc, without_flags(rest, PER_PART_FLAGS)
+
+
+def without_flags(argv: Sequence[str], flags: dict[str, bool]) -> list[str]:
+    """`argv` minus `flags` (name -> takes a value), in both `--f v` and `--f=v` forms."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in flags:
+            skip = flags[name] and "=" not in item
+            continue
+        out.append(item)
+    return out
 
 
 def parse_only_parts(text: str, num_parts: int, problems: list[str]) -> list[int]:
@@ -301,7 +321,7 @@ class Progress:
         secs = max(time.time() - self.started, 1e-9)
         bits = [f"parts {len(self.done) + self.skipped}/{self.layout.num_parts} done"
                 + (f" ({self.skipped} skipped: complete before)" if self.skipped else ""),
-                f"{running} running" if running else "",
+                f"{running} to go" if running else "",
                 f"{retries} retried" if retries else "",
                 f"{len(self.failed) + len(self.user_errors)} failed"
                 if self.failed or self.user_errors else "",
@@ -330,13 +350,14 @@ def run_local(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int],
 
 
 def run_ray(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int], progress: Progress,
-            *, address: str | None, cpus_per_part: float, max_retries: int) -> None:
+            *, address: str | None, cpus_per_part: float, max_retries: int,
+            ship_code: bool = False) -> None:
     """Submit one Ray task per part; collect results as they finish; print progress."""
     import ray
 
     started = time.time()
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, runtime_env=code_runtime_env())
+             configure_logging=False, runtime_env=code_runtime_env() if ship_code else None)
     print(f"[encoder.distributed] Ray {'joined ' + address if address else 'started locally'} "
           f"in {time.time() - started:.1f} s: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{len(ray.nodes())} node(s); {len(todo)} part(s) to encode", file=progress.out,
@@ -469,7 +490,8 @@ def run(argv: Sequence[str]) -> int:
           f"{len(todo)} to encode", file=sys.stderr, flush=True)
     if todo and ours.engine == "ray":
         run_ray(encoder_argv, layout, todo, progress, address=ours.address,
-                cpus_per_part=ours.cpus_per_part, max_retries=ours.max_retries)
+                cpus_per_part=ours.cpus_per_part, max_retries=ours.max_retries,
+                ship_code=ours.ship_code)
     elif todo:
         run_local(encoder_argv, layout, todo, progress)
     for i, msg in sorted(progress.user_errors.items()):
