@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "run_scripts").glob("*.sh"))
 PROGRAMS = {"encoder/main.py": [sys.executable, "encoder/main.py"],
             "trainer/train.py": [sys.executable, "trainer/train.py"],
-            "-m shardfmt": [sys.executable, "-m", "shardfmt"]}
+            "-m shardfmt": [sys.executable, "-m", "shardfmt"],
+            "-m encoder.distributed": [sys.executable, "-m", "encoder.distributed"]}
 
 
 @lru_cache(maxsize=None)

@@ -158,6 +158,45 @@ def test_slurm_script_dry_run_prints_the_array_and_the_dependent_merge():
     assert "--dependency=afterok:" in lines[1] and "--merge_only" in lines[1]
 
 
+FAKE_SBATCH = """#!/usr/bin/env python3
+# Stands in for Slurm's sbatch: runs --wrap now, once per array index (SLURM_ARRAY_TASK_ID), logs
+# to --output (%a = index); checks the merge depends on the array job it printed.
+import os, subprocess, sys
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+def run(env, index=""):
+    with open(opts["output"].replace("%a", index), "w") as log:
+        subprocess.run(["bash", "-c", opts["wrap"]], env=env, stdout=log, stderr=log, check=True)
+if "array" in opts:
+    lo, hi = opts["array"].split("%")[0].split("-")
+    for i in range(int(lo), int(hi) + 1):
+        run({**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}, str(i))
+    print("4242")
+else:
+    assert opts["dependency"] == "afterok:4242", opts
+    run(dict(os.environ))
+    print("4243")
+"""
+
+
+def test_slurm_script_runs_its_array_and_merge_with_a_stand_in_sbatch(tmp_path, single,
+                                                                      hermetic_tokenizer_dir):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TOKENIZER":
+           hermetic_tokenizer_dir, "PLUGIN": SLOW_PLUGIN, "PLUGIN_ARGS": "rows=30",
+           "ENCODE_TYPE": "qa", "TEMPLATE": "none", "CORPUS": "c", "OUTPUT": str(tmp_path / "d"),
+           "MAX_LENGTH": "64", "NUM_PARTS": "3", "CPUS_PER_TASK": "1", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(REPO / "run_scripts" / "encode_slurm.sh")], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "submitted array job 4242" in res.stdout and "submitted merge job 4243" in res.stdout
+    ref = single(*qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=30"),
+                 out=tmp_path / "single")
+    assert read_samples(tmp_path / "d" / "c") == read_samples(ref)
+
+
 # -- a real local Ray cluster: head + a second node, one worker killed mid-part ------------------
 def free_port() -> int:
     with socket.socket() as s:
