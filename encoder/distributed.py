@@ -306,7 +306,7 @@ class Progress:
         self.done: dict[int, dict] = {}
         self.failed: dict[int, str] = {}
         self.user_errors: dict[int, str] = {}
-        self.started = time.time()
+        self.started = self.encode_started = time.time()   # the latter: after joining Ray
         self.last_print = 0.0
 
     def finish(self, result: dict) -> None:
@@ -362,6 +362,7 @@ def run_ray(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int], pr
           f"in {time.time() - started:.1f} s: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{len(ray.nodes())} node(s); {len(todo)} part(s) to encode", file=progress.out,
           flush=True)
+    progress.encode_started = time.time()
     try:
         tracker = ray.remote(num_cpus=0)(TokenTracker).remote()
         task = ray.remote(ray_encode_part)
@@ -509,10 +510,12 @@ def run(argv: Sequence[str]) -> int:
         return 0
     out = merge_parts(layout, overwrite=enc.overwrite)
     secs = time.time() - progress.started
-    tokens = progress.tokens_done
-    print(f"[encoder.distributed] done: {len(progress.done)} part(s) encoded, {progress.skipped} "
-          f"skipped, {tokens:,} tokens in {secs:.1f} s ({len(progress.done) / secs:.3f} parts/s, "
-          f"{tokens / secs:,.0f} tokens/s)", file=sys.stderr)
+    phase = time.time() - progress.encode_started
+    tokens, parts = progress.tokens_done, len(progress.done)
+    print(f"[encoder.distributed] done: {parts} part(s) encoded, {progress.skipped} skipped, "
+          f"{tokens:,} tokens in {secs:.1f} s ({parts / secs:.3f} parts/s, {tokens / secs:,.0f} "
+          f"tokens/s); after start-up: {phase:.1f} s ({parts / phase:.3f} parts/s, "
+          f"{tokens / phase:,.0f} tokens/s)", file=sys.stderr)
     print(f"merged {layout.num_parts} parts into {out}")
     return 0
 
