@@ -274,6 +274,8 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
             result = run(args, progress=progress)
     except USER_ERRORS as e:
         shutil.rmtree(attempt, ignore_errors=True)
+        if transient(e):
+            raise
         return {"part": index, "error": f"{type(e).__name__}: {e}"}
     except BaseException:
         shutil.rmtree(attempt, ignore_errors=True)
@@ -281,6 +283,14 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
     publish_attempt(attempt, layout, index)
     return {"part": index, "tokens": int(result["tokens"]), "samples": int(result["samples"]),
             "seconds": round(time.time() - started, 3)}
+
+
+def transient(e: BaseException) -> bool:
+    """A plugin that raised because of I/O (a dropped S3 connection, a stale NFS handle) is
+    worth retrying; a missing file, bad data or bad flags would fail the same way again."""
+    cause = e.__cause__
+    return isinstance(cause, OSError) and not isinstance(
+        cause, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
 
 
 def publish_attempt(attempt: Path, layout: Layout, index: int) -> None:
@@ -300,9 +310,10 @@ def publish_attempt(attempt: Path, layout: Layout, index: int) -> None:
 class Progress:
     """Parts done, retries and aggregate tokens/s for the driver's progress lines."""
 
-    def __init__(self, layout: Layout, todo: Sequence[int], *, out: Any = None):
+    def __init__(self, layout: Layout, todo: Sequence[int], *, total: int, out: Any = None):
         self.layout, self.todo, self.out = layout, list(todo), out or sys.stderr
-        self.skipped = layout.num_parts - len(self.todo)
+        self.total = total   # parts this run is responsible for (all N, or --only_parts)
+        self.skipped = total - len(self.todo)
         self.done: dict[int, dict] = {}
         self.failed: dict[int, str] = {}
         self.user_errors: dict[int, str] = {}
@@ -319,7 +330,7 @@ class Progress:
     def line(self, *, live_tokens: int | None = None, retries: int = 0, running: int = 0) -> str:
         tokens = live_tokens if live_tokens is not None else self.tokens_done
         secs = max(time.time() - self.started, 1e-9)
-        bits = [f"parts {len(self.done) + self.skipped}/{self.layout.num_parts} done"
+        bits = [f"parts {len(self.done) + self.skipped}/{self.total} done"
                 + (f" ({self.skipped} skipped: complete before)" if self.skipped else ""),
                 f"{running} to go" if running else "",
                 f"{retries} retried" if retries else "",
@@ -380,7 +391,10 @@ def run_ray(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int], pr
                     progress.failed[i] = one_line(e)
                     print(f"[encoder.distributed] part {i} failed after {max_retries} "
                           f"retries: {e}", file=progress.out, flush=True)
-            tokens, retries = ray.get(tracker.snapshot.remote(), timeout=30)
+            try:
+                tokens, retries = ray.get(tracker.snapshot.remote(), timeout=30)
+            except ray.exceptions.RayError:   # progress is best effort; results come from refs
+                tokens, retries = progress.tokens_done, 0
             progress.maybe_print(force=not refs, live_tokens=tokens, retries=retries,
                                  running=len(refs))
     finally:
@@ -483,11 +497,12 @@ def run(argv: Sequence[str]) -> int:
     if merge:
         check_output_free(layout, overwrite=enc.overwrite)
     prepare_job(layout, identity)
-    wanted = ours.only_parts if ours.only_parts is not None else range(layout.num_parts)
-    todo = [] if ours.merge_only else [i for i in wanted if not layout.is_complete(i)]
-    progress = Progress(layout, todo)
+    wanted = ours.only_parts if ours.only_parts is not None else list(range(layout.num_parts))
+    complete = [i for i in wanted if layout.is_complete(i)]
+    todo = [] if ours.merge_only else [i for i in wanted if i not in complete]
+    progress = Progress(layout, todo, total=len(wanted))
     print(f"[encoder.distributed] {layout.num_parts} parts in {layout.job_dir}: "
-          f"{layout.num_parts - len(todo) if merge else len(wanted) - len(todo)} complete, "
+          f"{len(complete)}{'' if merge else f' of {len(wanted)} asked'} complete, "
           f"{len(todo)} to encode", file=sys.stderr, flush=True)
     if todo and ours.engine == "ray":
         run_ray(encoder_argv, layout, todo, progress, address=ours.address,

@@ -127,6 +127,13 @@ def test_bad_rows_flags_and_existing_output(dist, write_plugin, tmp_path, hermet
     assert code == 2 and "--part is set by encoder.distributed" in err
     code, _, err = dist("--engine", "local", "--num_parts", 0, *base)
     assert code == 2 and "--num_parts 0" in err
+    flaky = write_plugin(code="def data_loader(part_index=None, num_parts=None):\n"
+                               "    yield {'q': 'q', 'a': 'a'}\n"
+                               "    if part_index == 1:\n"
+                               "        raise ConnectionResetError('peer reset')\n", name="flaky.py")
+    code, _, err = dist("--engine", "local", "--num_parts", 2, *qa_flags(hermetic_tokenizer_dir,
+                        flaky), "--output_path", tmp_path / "f", "--corpus_name", "c")
+    assert code == 1 and "part 1 failed: PluginError" in err and "re-run the same command" in err
     (tmp_path / "d" / "c").mkdir(parents=True, exist_ok=True)
     (tmp_path / "d" / "c" / "manifest.json").write_text("{}")
     good = [*qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=8"),
