@@ -12,7 +12,7 @@ includes joining the cluster, starting workers and loading the tokenizer once pe
 "after start-up" is the encoder's own tokens/s for the single process (after its tokenizer load)
 and, for Ray, the tokens over the time from joining the cluster to the last part's end (workers
 start and load the tokenizer inside it).
-Both runs write the same tokens (checked). On a 2-core machine shared with other jobs the two
+Both runs write the same token stream (checked token by token). On a 2-core machine shared with other jobs the two
 nodes compete for the same cores: this measures overhead and correctness of the distribution,
 not a speed-up.
 """
@@ -63,9 +63,13 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     return secs, res.stdout + res.stderr
 
 
-def tokens_of(dataset: Path) -> int:
+def token_stream(dataset: Path):
+    """Every token of the dataset in order (pretrain parts cut samples differently at part
+    boundaries; the stream itself must be the same)."""
+    import numpy as np
     from shardfmt import open_dataset
-    return open_dataset(str(dataset)).num_tokens
+    ds = open_dataset(str(dataset))
+    return np.concatenate([ds[i].input_ids for i in range(len(ds))])
 
 
 def main() -> int:
@@ -85,7 +89,8 @@ def main() -> int:
            "PYTHONPATH": str(ROOT)}
     rows = []
     secs, log = timed([sys.executable, "encoder/main.py", *encoder_flags(corpus, work / "one")], env)
-    tokens = tokens_of(work / "one" / "c")
+    stream = token_stream(work / "one" / "c")
+    tokens = len(stream)
     steady = float(re.search(r"\(([\d,]+) tok/s", log).group(1).replace(",", ""))
     rows.append({"run": "1 process (encoder/main.py)", "nodes": 1, "parts": 1, "seconds": secs,
                  "tokens": tokens, "parts_per_s": 1 / secs, "tokens_per_s": tokens / secs,
@@ -101,9 +106,11 @@ def main() -> int:
         secs, log = timed(cmd, {**cluster.env, **env})
     finally:
         cluster.stop()
-    ray_tokens = tokens_of(work / "ray" / "c")
-    if ray_tokens != tokens:
-        raise SystemExit(f"token counts differ: {ray_tokens} (Ray) vs {tokens} (1 process)")
+    ray_stream = token_stream(work / "ray" / "c")
+    ray_tokens = len(ray_stream)
+    if ray_tokens != tokens or not (ray_stream == stream).all():
+        raise SystemExit(f"the Ray run's tokens differ from the single process's ({ray_tokens} vs "
+                         f"{tokens} tokens)")
     done = re.search(r"after start-up: ([\d.]+) s \(([\d.]+) parts/s, ([\d,]+) tokens/s\)", log)
     part_steady = float(done.group(3).replace(",", ""))
     rows.append({"run": f"Ray, 2 local nodes x 1 CPU, {args.num_parts} parts", "nodes": 2,

@@ -494,8 +494,7 @@ def run(argv: Sequence[str]) -> int:
     identity = job_identity(enc, ours.num_parts)
     layout = make_layout(enc, identity)
     merge = ours.only_parts is None
-    if merge:
-        check_output_free(layout, overwrite=enc.overwrite)
+    check_output_free(layout, overwrite=enc.overwrite)   # before any work, also in array tasks
     prepare_job(layout, identity)
     wanted = ours.only_parts if ours.only_parts is not None else list(range(layout.num_parts))
     complete = [i for i in wanted if layout.is_complete(i)]
