@@ -115,10 +115,10 @@ class LocalRayCluster:
         for p in self.procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)   # ray start --block stops its node
-        deadline = time.time() + 5
+        deadline = time.time() + 3   # a test cluster has nothing to drain
         while still_alive(ours) and time.time() < deadline:
             time.sleep(0.2)
-        for _ in range(50):   # what did not stop in 5 s (Ray drains for up to 30 s): SIGKILL
+        for _ in range(50):   # what did not stop in 3 s (Ray drains for up to 30 s): SIGKILL
             ours |= our_processes([], self.root)
             left = still_alive(ours)
             if not left:
@@ -142,9 +142,9 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def wait_for(cond, seconds: float, what: str) -> None:
+def wait_for(cond, seconds: float, what: str, every: float = 0.5) -> None:
     deadline = time.time() + seconds
     while not cond():
         if time.time() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
