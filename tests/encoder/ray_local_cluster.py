@@ -12,6 +12,7 @@ to 127.0.0.1 only, each with its own temp dir, stopped exactly (never other Ray 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,8 @@ class LocalRayCluster:
         for p in self.procs:
             p.poll()
         self.stopped = ours
+        if not still_alive(ours):   # logs and sessions go with the processes
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _port_open(port: int) -> bool:
