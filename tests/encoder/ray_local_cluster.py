@@ -105,6 +105,7 @@ class LocalRayCluster:
     def _check(self) -> bool:
         for p in self.procs:
             if p.poll() is not None:
+                self.keep_logs = True
                 raise RuntimeError(f"ray start exited with {p.returncode}: see {self.root}/*.log")
         return True
 
@@ -133,7 +134,7 @@ class LocalRayCluster:
         for p in self.procs:
             p.poll()
         self.stopped = ours
-        if not still_alive(ours):   # logs and sessions go with the processes
+        if not still_alive(ours) and not getattr(self, "keep_logs", False):   # logs go too
             shutil.rmtree(self.root, ignore_errors=True)
 
 
