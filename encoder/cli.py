@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
       "(q/a verbatim: prompt = q tokens, answer = a tokens + EOS), chat (the tokenizer's "
       "chat_template), alpaca, chatml (needs <|im_start|>/<|im_end|> tokens), llama2. Default: "
       "none for qa, chat for chat. Ignored for pretrain.")
+    a("--chat_template", default=None, metavar="FILE|chatml_tools", help="--template chat: render "
+      "with this jinja chat template instead of the tokenizer's own (needed when the tokenizer "
+      "has none, e.g. tests/encoder/fixtures/llama31_tool_chat_template.jinja for Llama-3.1 tool "
+      "calls), or the built-in chatml_tools (ChatML + Hermes-style <tools>/<tool_call>/"
+      "<tool_response>; needs <|im_start|>/<|im_end|> tokens). Implies --template chat.")
     a("--truncation", choices=TRUNCATION_MODES, default=DEFAULT_TRUNCATION, help="qa/chat samples "
       "longer than max_length: drop (default, safest), right (cut the end; the answer may lose its "
       "EOS), prompt_left (cut the start of the prompt, keep BOS; drop if the answers alone do not "
@@ -117,5 +122,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tokens_per_file < args.max_length:
         raise ValueError(f"--tokens_per_file {args.tokens_per_file:g} is smaller than --max_length "
                          f"{args.max_length}")
+    if args.chat_template is not None:
+        if args.template not in (None, "chat"):
+            raise ValueError(f"--chat_template works with --template chat, not --template "
+                             f"{args.template}")
+        args.template = "chat"
     if args.template is None:
         args.template = "chat" if args.encode_type == "chat" else "none"

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from encoder.chat_render import resolve_chat_template  # noqa: E402
 from encoder.cli import build_parser, check_args, parse_part  # noqa: E402
 from encoder.packing import PretrainChunker, pack_windows  # noqa: E402
 from encoder.pipeline import encode_batches, reject, validated_batches  # noqa: E402
@@ -68,10 +69,12 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
     started = time.time()
     part = parse_part(args.part)
     plugin = load_plugin(args.data_loader_path)
+    chat_template, chat_template_source = resolve_chat_template(args.chat_template)
     spec = EncoderSpec(tokenizer_path=args.tokenizer_path, encode_type=args.encode_type,
                        max_length=args.max_length, template=args.template,
                        truncation=args.truncation, add_tokens=tuple(args.add_tokens),
-                       tokenizer_backend=args.tokenizer_backend)
+                       tokenizer_backend=args.tokenizer_backend, chat_template=chat_template,
+                       chat_template_source=chat_template_source)
     tok = load_spec_tokenizer(spec)
     added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
@@ -244,6 +247,7 @@ def run_metadata(args: Any, *, encoder: SampleEncoder, added: dict,
         "encoder": {
             "encode_type": args.encode_type,
             "template": args.template if args.encode_type != "pretrain" else None,
+            "chat_template": encoder.spec.chat_template_source,
             "truncation": args.truncation,
             "max_length": args.max_length,
             "merge_data": bool(args.merge_data) and args.encode_type != "pretrain",

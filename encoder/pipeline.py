@@ -37,7 +37,7 @@ def validated_batches(rows: Iterable[tuple[int, Any]], *, encode_type: str, plug
             continue
         idx.append(i)
         batch.append(norm)
-        chars += len(norm) if isinstance(norm, str) else sum(len(m["content"]) for m in norm)
+        chars += len(norm) if isinstance(norm, str) else sum(len(m["content"] or "") for m in norm)
         if len(batch) >= BATCH_ROWS or chars >= BATCH_CHARS:
             yield idx, batch
             idx, batch, chars = [], [], 0

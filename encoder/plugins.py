@@ -4,6 +4,8 @@ A plugin is any Python file defining a generator function `data_loader(**kwargs)
   pretrain: str
   qa:       {"q": str, "a": str, "system": str (optional)}
   chat:     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+            or, with tools (encoder/conversation.py): {"messages": [... "tool" messages, assistant
+            "tool_calls", "reasoning_content" ...], "tools": [JSON schema, ...]}
 
 >>> plugin = load_plugin("encoder/user_data_loader/alpaca.py")     # doctest: +SKIP
 >>> rows = iter_rows(plugin, encode_type="qa", kwargs={})           # doctest: +SKIP
@@ -198,6 +200,9 @@ def _qa_messages(row: dict) -> list[dict]:
 
 
 def _chat_messages(row: dict) -> list[dict]:
+    from encoder.conversation import check_conversation, is_tool_row
+    if is_tool_row(row):
+        return check_conversation(row)
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("key 'messages' must be a non-empty list of {'role', 'content'} dicts"

@@ -27,6 +27,8 @@ class EncoderSpec:
     truncation: str = "drop"
     add_tokens: tuple[str, ...] = field(default_factory=tuple)
     tokenizer_backend: str = "auto"
+    chat_template: str | None = None           # jinja text from --chat_template (template chat)
+    chat_template_source: str | None = None    # its file path or "builtin:NAME", for the manifest
 
 
 def load_spec_tokenizer(spec: EncoderSpec) -> Any:
@@ -69,7 +71,9 @@ class SampleEncoder:
             self.end_ids = [self.policy.eos_id]
         else:
             self.template = make_template(spec.template, tokenizer=self.tok,
-                                          eos_id=self.policy.eos_id)
+                                          eos_id=self.policy.eos_id,
+                                          chat_template=spec.chat_template,
+                                          chat_template_source=spec.chat_template_source)
             self.end_ids = list(self.template.end_ids)
         self.control_ids = self._control_ids()
         self._backend = self._pick_backend()
@@ -78,7 +82,8 @@ class SampleEncoder:
         """Ids that data text must never produce: BOS, EOS, pad, unk, the template's markers."""
         tok = self.tok
         ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id,
-               *self.end_ids, *getattr(self.template, "start_ids", [])}
+               *self.end_ids, *getattr(self.template, "start_ids", []),
+               *getattr(self.template, "control_ids", [])}
         ids.discard(None)
         return frozenset(ids)
 
@@ -103,8 +108,11 @@ class SampleEncoder:
         """
         if self.template is None:
             raise TemplateError("pretrain datasets have no prompt format; pass raw text instead")
-        # Render with a placeholder answer (chat templates must find its text), then keep every
-        # segment up to the last untrained one: the history plus the generation prompt.
+        if hasattr(self.template, "prompt_segments"):   # chat templates render the prompt itself
+            token_lists = self._tokenize([self.template.prompt_segments(messages)])[0]
+            return list(self.prefix) + [t for toks in token_lists for t in toks]
+        # Render with a placeholder answer, then keep every segment up to the last untrained
+        # one: the history plus the generation prompt.
         placeholder = [{"role": "assistant", "content": "Placeholder answer."}]
         segs = render(self.template, list(messages) + placeholder)
         last_prompt = max((k for k, seg in enumerate(segs) if not seg[2]), default=-1)

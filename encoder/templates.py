@@ -34,6 +34,13 @@ class TemplateError(ValueError):
 
 def render(template: Any, messages: list[Message]) -> list[Segment]:
     """Render `messages` with `template` and merge neighbouring segments of the same kind/loss."""
+    if not getattr(template, "supports_tools", False):
+        from encoder.conversation import uses_tool_format
+        if uses_tool_format(messages):
+            raise TemplateError(f"this row has tools / tool calls / tool messages / reasoning, "
+                                f"which --template {template.name} cannot render; use --template "
+                                f"chat (the tokenizer's chat template, or --chat_template FILE, or "
+                                f"--chat_template chatml_tools)")
     return merge_segments(template.segments(messages))
 
 
@@ -163,104 +170,18 @@ class Llama2Template:
                 "[/INST] + ' {answer} ' + EOS per turn; one BOS per document (not per turn)"}
 
 
-class ChatTemplate:
-    """The tokenizer's own `chat_template`; assistant contents are located in the rendered text.
-
-    Everything between answers is prompt (loss 0); each assistant content plus the special token
-    that the template puts right after it (e.g. <|im_end|>) is trained, and so is any text the
-    template puts between the generation prompt and the content (Qwen3: the last turn's
-    "\n</think>\n\n" after the generation prompt "<|im_start|>assistant\n<think>\n"). A BOS string rendered by
-    the template is removed (the encoder adds BOS by policy). Text after the last answer's
-    end-of-turn token is not stored.
-    """
-
-    name = "chat"
-
-    def __init__(self, *, tokenizer: Any):
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError(f"--template chat: tokenizer {tokenizer.name_or_path} has no "
-                                f"chat_template; choose --template alpaca/chatml/llama2/none")
-        self.tok = tokenizer
-        self.specials = sorted({str(t) for t in tokenizer.all_special_tokens}
-                               | set(tokenizer.get_added_vocab()), key=len, reverse=True)
-        probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-        text = self._render_text(probe)
-        end = self._end_token(text, text.rfind("A") + 1)
-        if end is None:
-            raise TemplateError(f"tokenizer {tokenizer.name_or_path}: its chat_template puts no "
-                                f"special token after an assistant answer, so no end-of-turn token "
-                                f"can be trained; choose a built-in --template")
-        self.end_token = end
-        self.end_ids = [tokenizer.convert_tokens_to_ids(end)]
-
-    def _render_text(self, messages: list[Message], *, generation_prompt: bool = False) -> str:
-        text = self.tok.apply_chat_template(messages, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
-        bos = self.tok.bos_token
-        return text[len(bos):] if bos and text.startswith(bos) else text
-
-    def _end_token(self, text: str, pos: int) -> str | None:
-        """The special token starting at `pos`, after optional spaces/newlines."""
-        rest = text[pos:].lstrip(" \n")
-        return next((s for s in self.specials if rest.startswith(s)), None)
-
-    def segments(self, messages: list[Message]) -> list[Segment]:
-        text = self._render_text(messages)
-        out: list[Segment] = []
-        cursor = scan = 0   # cursor: end of what is emitted; scan: end of the last located message
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                found, p = _locate(text, m["content"], scan)
-                scan = p + len(found) if p >= 0 else scan
-                continue
-            gen_end, plain_end = self._history_ends(messages[:k], text)
-            content, pos = _locate(text, m["content"], max(scan, cursor, gen_end or plain_end or 0))
-            if pos < 0:
-                raise TemplateError(f"message {k}: the chat_template rewrote the assistant content "
-                                    f"beyond recognition; cannot mark its tokens for loss")
-            after = pos + len(content)
-            gap = len(text[after:]) - len(text[after:].lstrip(" \n"))
-            if not text.startswith(self.end_token, after + gap):
-                raise TemplateError(f"message {k}: no {self.end_token} after the assistant answer")
-            start = gen_end if gen_end is not None and cursor <= gen_end <= pos else pos
-            out += [("markup", text[cursor:start], False), ("markup", text[start:pos], True),
-                    ("text", content + text[after:after + gap], True), ("ids", self.end_ids, True)]
-            cursor = scan = after + gap + len(self.end_token)
-        return out
-
-    def _history_ends(self, history: list[Message], text: str) -> tuple[int | None, int | None]:
-        """Lengths of the history rendered with / without the generation prompt, where the full
-        text continues them (else None). The trained part of a turn starts right after the
-        generation prompt when the text continues it, so whatever the model must produce after
-        that prompt (e.g. Qwen3's "\n</think>\n\n") is trained; otherwise at the content."""
-        gen = self._render_text(history, generation_prompt=True)
-        plain = self._render_text(history)
-        return (len(gen) if text.startswith(gen) else None,
-                len(plain) if text.startswith(plain) else None)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "chat_template": self.tok.chat_template,
-                "end_of_turn": self.end_token,
-                "format": "tokenizer.apply_chat_template(messages, tokenize=False); BOS string "
-                          "removed and re-added by policy; text after the last end-of-turn "
-                          "token dropped"}
-
-
-def _locate(text: str, content: str, start: int) -> tuple[str, int]:
-    """Find `content` (or its stripped form, as templates often strip) in `text` from `start`."""
-    for candidate in (content, content.strip(), content.lstrip("\n")):
-        pos = text.find(candidate, start) if candidate else -1
-        if pos >= 0:
-            return candidate, pos
-    return content, -1
-
-
-def make_template(name: str, *, tokenizer: Any, eos_id: int | None) -> Any:
-    """Build a template by `--template` name, checking it fits the tokenizer."""
+def make_template(name: str, *, tokenizer: Any, eos_id: int | None,
+                  chat_template: str | None = None, chat_template_source: str | None = None) -> Any:
+    """Build a template by `--template` name, checking it fits the tokenizer. `chat_template`
+    (jinja text, from --chat_template) replaces the tokenizer's own for --template chat."""
     if name not in TEMPLATE_NAMES:
         raise TemplateError(f"--template {name}: choose one of {', '.join(TEMPLATE_NAMES)}")
+    if chat_template is not None and name != "chat":
+        raise TemplateError(f"--chat_template is used by --template chat only (got --template {name})")
     if name == "chat":
-        return ChatTemplate(tokenizer=tokenizer)
+        from encoder.chat_render import ChatTemplate   # jinja rendering + prefix-diff spans
+        return ChatTemplate(tokenizer=tokenizer, chat_template=chat_template,
+                            source=chat_template_source)
     if name == "chatml":
         return ChatMLTemplate(tokenizer=tokenizer)
     if eos_id is None:
