@@ -71,7 +71,11 @@ def check_layout(tok, encoded, answers: list[str], *, end_id: int, expect_bos: b
         decoded = tok.decode(ids[s:e - 1]).strip()
         # a chat template may train text between its generation prompt and the content
         assert decoded == answer.strip() or (not end_is_eos_only and decoded.endswith(answer))
-    assert ids[-1] == end_id and mask[-1]
+    last = spans[-1][1]
+    assert ids[last - 1] == end_id
+    # a chat template's own text after the last end-of-turn (Qwen: "\n") is kept, untrained, so
+    # the sample equals apply_chat_template byte for byte; other templates end with the end token
+    assert last == len(ids) if end_is_eos_only else tok.decode(ids[last:]).strip() == ""
     if end_is_eos_only:
         assert int((ids == end_id).sum()) == len(answers)
     pad = tok.pad_token_id

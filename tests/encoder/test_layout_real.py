@@ -73,7 +73,8 @@ def test_golden_qwen3_chat_template():
     # produce the rest ("\n</think>\n\n" + answer + <|im_end|>), so that is what is trained
     assert tok.decode(out.ids[out.mask]) == "\n</think>\n\nParis is the capital of France.<|im_end|>"
     assert tok.decode(out.ids[~out.mask]) == tok.apply_chat_template(QA[:1], tokenize=False,
-                                                                      add_generation_prompt=True)
+                                                                      add_generation_prompt=True) + "\n"
+    assert tok.decode(out.ids) == tok.apply_chat_template(QA, tokenize=False)   # byte for byte
 
 
 @pytest.mark.parametrize("name,literal", [("llama2", "</s>"), ("qwen3", "<|im_end|>")])
@@ -85,7 +86,8 @@ def test_control_token_strings_in_data_stay_text(name, literal):
     out, after = enc.encode_rows([row, QA])
     end = enc.end_ids[0]
     spans = [i for i in range(len(out.ids)) if out.ids[i] == end and out.mask[i]]
-    assert spans == [len(out.ids) - 1]                          # only the real end-of-turn
+    assert spans == [len(out.ids) - 1 - (name == "qwen3")]      # only the real end-of-turn
+                                                                # (Qwen: then the template's "\n")
     assert literal in enc.tok.decode(out.ids[out.mask])
     # the split-special re-encode must not leak into later rows or into the template markup
     assert after.ids.tolist() == clean.ids.tolist() == enc.encode_rows([QA])[0].ids.tolist()
@@ -115,7 +117,7 @@ def test_chat_template_answer_text_also_in_prompt():
     one, two = enc.encode_rows(rows)
     assert tok.decode(one.ids[one.mask]) == "\n</think>\n\n3<|im_end|>"
     assert tok.decode(one.ids[~one.mask]).endswith("Output 1, 2 or 3.<|im_end|>\n"
-                                                   "<|im_start|>assistant\n<think>\n")
+                                                   "<|im_start|>assistant\n<think>\n\n")
     assert tok.decode(two.ids[two.mask]) == "4<|im_end|>\n</think>\n\n4<|im_end|>"
     assert tok.decode(two.ids[~two.mask]).count("4") == 2     # both user "4"s stay prompt
 
