@@ -29,7 +29,8 @@ from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # n
 from encoder.json_tokenizer import JsonTokenizer  # noqa: E402
 from encoder.sample_encoder import (Encoded, EncoderSpec, SampleEncoder,  # noqa: E402
                                     load_spec_tokenizer)
-from encoder.stats import RunStats, plot_lengths, summary_lines, write_stats_json  # noqa: E402
+from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
+                           truncation_warning, write_stats_json)
 from encoder.templates import TemplateError  # noqa: E402
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 
@@ -97,6 +98,13 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
                                added=added, part=part)
     for line in summary_lines(result, seconds=time.time() - started):
         print(line)
+    if args.analyze and args.encode_type != "pretrain":
+        print(f"suggested: --max_length {result['max_length_keeping_99pct']} (the 99th-percentile "
+              f"document length: longer ones are handled by --truncation {args.truncation})")
+    if args.encode_type != "pretrain":
+        warning = truncation_warning(result, truncation=args.truncation)
+        if warning:
+            print(warning, file=sys.stderr)
     return result
 
 

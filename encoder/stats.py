@@ -25,6 +25,40 @@ def percentiles(lengths: list[int] | np.ndarray) -> dict:
             "max": int(arr.max()), "mean": round(float(arr.mean()), 2)}
 
 
+WARN_LOSS_FRACTION = 0.01   # warn when more than 1% of documents are dropped or truncated
+KEEP_FRACTION = 0.99        # suggested max_length keeps this fraction of documents whole
+
+
+def length_keeping(lengths: list[int] | np.ndarray, fraction: float = KEEP_FRACTION) -> int:
+    """The smallest max_length that keeps at least `fraction` of the documents whole (an order
+    statistic, not an interpolated percentile, so it really keeps them).
+
+    >>> length_keeping(list(range(1, 101)))
+    99
+    """
+    arr = np.sort(np.asarray(lengths, dtype=np.int64))
+    if arr.size == 0:
+        return 0
+    return int(arr[max(0, int(np.ceil(fraction * arr.size)) - 1)])
+
+
+def truncation_warning(stats: dict, *, truncation: str) -> str | None:
+    """A warning when more than 1% of the documents lost tokens or were dropped, else None."""
+    docs = stats["doc_length"]["count"]
+    lost = stats["dropped"] + stats["truncated"]
+    if docs == 0 or lost <= WARN_LOSS_FRACTION * docs:
+        return None
+    what = f"{stats['dropped']} dropped" + (f", {stats['truncated']} truncated"
+                                           if stats["truncated"] else "")
+    other = {"drop": "--truncation right (cut the end) or prompt_left (cut the prompt's start)",
+             "right": "--truncation drop (skip them whole) or prompt_left",
+             "prompt_left": "--truncation drop (skip them whole) or right"}.get(truncation, "")
+    return (f"warning: {lost} of {docs} documents ({100 * lost / docs:.1f}%) are longer than "
+            f"--max_length {stats['max_length']} ({what}, --truncation {truncation}); "
+            f"--max_length {stats['max_length_keeping_99pct']} keeps 99% whole; or change the "
+            f"policy with {other}")
+
+
 @dataclass
 class RunStats:
     """Counts gathered while encoding; `as_dict()` is what stats.json holds."""
@@ -55,6 +89,8 @@ class RunStats:
         over = sum(1 for n in self.doc_lengths if n > self.max_length)
         return {
             "rows": self.rows,
+            "max_length": self.max_length,
+            "max_length_keeping_99pct": length_keeping(self.doc_lengths),
             "doc_length": percentiles(self.doc_lengths),
             "docs_longer_than_max_length": over,
             "sample_length": percentiles(self.sample_lengths),
@@ -86,6 +122,10 @@ def summary_lines(stats: dict, *, seconds: float | None = None) -> list[str]:
         f"truncated {stats['truncated']}  dropped {stats['dropped']}  "
         f"skipped invalid {stats['skipped_invalid']}",
     ]
+    if "max_length_keeping_99pct" in stats and d["count"]:
+        lines.append(f"max_length keeping 99% of documents whole: "
+                     f"{stats['max_length_keeping_99pct']} (now {stats.get('max_length')}: "
+                     f"{stats['docs_longer_than_max_length']} of {d['count']} exceed it)")
     lines += [f"  skipped: {r}" for r in stats["skip_reasons"]]
     if stats["final_remainder_tokens"]:
         verb = "dropped" if stats["final_remainder_dropped"] else "kept as a shorter last sample"

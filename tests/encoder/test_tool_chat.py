@@ -275,3 +275,25 @@ def test_openai_messages_plugin(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match="chats.jsonl:1"):
         list(mod.data_loader(str(path)))
+
+
+def test_truncation_warning_and_analyze_suggestion(run_cli, write_plugin, hermetic_tokenizer_dir):
+    from encoder.stats import length_keeping
+    rows = [{"q": "What is the capital of France?", "a": "Paris is the capital of France. " * n}
+            for n in [1] * 90 + [8] * 10]
+    flags = ("--tokenizer_path", hermetic_tokenizer_dir, "--data_loader_path", write_plugin(rows),
+             "--encode_type", "qa", "--max_length", "40")
+    code, out, err = run_cli(*flags)
+    assert code == 0
+    assert "warning: 10 of 100 documents (10.0%) are longer than --max_length 40 (10 dropped" in err
+    keep = int(err.split("--max_length ")[2].split()[0])
+    from encoder.sample_encoder import EncoderSpec as Spec, SampleEncoder as Enc
+    from encoder.plugins import check_row as check
+    lengths = [e.raw_len for e in Enc(Spec(hermetic_tokenizer_dir, "qa", 10_000)).encode_rows(
+        [check(r, encode_type="qa") for r in rows])]
+    assert keep == length_keeping(lengths) == sorted(lengths)[98]   # keeps 99 of 100 whole
+    assert "--truncation right" in err
+    code, out, err = run_cli(*flags, "--analyze")
+    assert code == 0 and f"suggested: --max_length {keep}" in out
+    code, out, err = run_cli(*flags[:-1], "4096", "--overwrite")
+    assert code == 0 and "warning" not in err                      # nothing lost: no warning
