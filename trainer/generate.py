@@ -10,7 +10,10 @@ the same template, the same BOS rule and the same per-piece tokenization as the 
 (`encoder.SampleEncoder.encode_prompt`; the reuse is deliberate, so the two can never drift).
 Generation stops at EOS / the template's end-of-turn token. `--prompt` and `--interactive`
 stream tokens as they come; `--prompts_file` (JSONL rows {"q", "a"?, "system"?} or
-{"messages": [...]}) writes {"prompt", "expected", "generated"} rows.
+{"messages": [...], "tools": [...]?}) writes {"prompt", "expected", "generated"} rows. Tool
+conversations (tools, assistant tool_calls, role "tool") are rendered by the same chat template
+as in training, and generation stops at the template's end-of-turn token, so a generated tool call
+ends the turn.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def load_model(model_dir: Path, adapter_dir: Path | None):
 
 def make_prompt_encoder(tokenizer, tok_dir: Path, fmt: dict):
     from encoder.sample_encoder import EncoderSpec, SampleEncoder
+    recorded = ((fmt.get("special_tokens") or {}).get("template") or {})
+    chat_template = recorded.get("chat_template") if fmt["template"] == "chat" else None
     spec = EncoderSpec(str(tok_dir), fmt.get("encode_type", "qa"), int(fmt.get("max_length", 1 << 20)),
-                       template=fmt["template"])
+                       template=fmt["template"], chat_template=chat_template,
+                       chat_template_source=recorded.get("source"))
     return SampleEncoder(spec, tokenizer=tokenizer)
 
 
@@ -68,8 +74,13 @@ def row_messages(row: dict | str, system: str | None = None) -> tuple[list[dict]
     if isinstance(row, str):
         row = {"q": row}
     if "messages" in row:
+        from encoder.conversation import check_conversation, is_tool_row
         msgs = list(row["messages"])
-        expected = msgs.pop()["content"] if msgs and msgs[-1]["role"] == "assistant" else None
+        expected = msgs.pop() if msgs and msgs[-1]["role"] == "assistant" else None
+        if is_tool_row(row):   # tools / tool calls / tool results: rendered by the chat template
+            msgs = check_conversation({**row, "messages": msgs}, require_answer=False)
+        if expected is not None and not expected.get("tool_calls"):
+            expected = expected["content"]
         return msgs, expected
     msgs = [{"role": "system", "content": row.get("system") or system}] \
         if (row.get("system") or system) else []
