@@ -60,7 +60,9 @@ def resolve_chat_template(value: str | None) -> tuple[str | None, str | None]:
 
 
 def common_prefix_len(a: str, b: str) -> int:
-    """>>> common_prefix_len("abcd", "abxd")
+    """Length of the longest common prefix of `a` and `b`.
+
+    >>> common_prefix_len("abcd", "abxd")
     2
     """
     n = min(len(a), len(b))
