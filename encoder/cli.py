@@ -123,6 +123,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--tokens_per_file {args.tokens_per_file:g} is smaller than --max_length "
                          f"{args.max_length}")
     if args.chat_template is not None:
+        if args.encode_type == "pretrain":
+            raise ValueError("--chat_template has no effect with --encode_type pretrain (no "
+                             "prompt format); drop it or use --encode_type chat")
         if args.template not in (None, "chat"):
             raise ValueError(f"--chat_template works with --template chat, not --template "
                              f"{args.template}")
