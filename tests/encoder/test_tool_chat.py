@@ -307,3 +307,20 @@ def test_truncation_warning_and_analyze_suggestion(run_cli, write_plugin, hermet
     assert code == 0 and f"suggested: --max_length {keep}" in out
     code, out, err = run_cli(*flags[:-1], "4096", "--overwrite")
     assert code == 0 and "warning" not in err                      # nothing lost: no warning
+
+
+def test_template_rewriting_earlier_turns_is_refused_with_the_reason(encoders):
+    """Qwen3 shows an earlier turn's reasoning only until a new user query follows: the turn
+    cannot be aligned with the prompt the model saw, so the row is refused, not guessed."""
+    enc = encoders("qwen3")
+    row = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Call the tool.",
+         "tool_calls": [call("get_weather", city="Oslo")]},
+        {"role": "tool", "content": "snow"},
+        {"role": "assistant", "content": "Snow."},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome."}]}
+    out = enc.encode_rows([check_row(row, encode_type="chat")])[0]
+    assert out.status == "invalid" and "drops earlier reasoning" in out.reason
+    row["messages"] = row["messages"][:4]           # one row per user query: fine
+    check_golden("qwen3", enc, row)
