@@ -102,7 +102,7 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
         print(f"suggested: --max_length {result['max_length_keeping_99pct']} (the 99th-percentile "
               f"document length: longer ones are handled by --truncation {args.truncation})")
     if args.encode_type != "pretrain":
-        warning = truncation_warning(result, truncation=args.truncation)
+        warning = truncation_warning(result, truncation=args.truncation, analyze=args.analyze)
         if warning:
             print(warning, file=sys.stderr)
     return result

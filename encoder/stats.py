@@ -42,14 +42,16 @@ def length_keeping(lengths: list[int] | np.ndarray, fraction: float = KEEP_FRACT
     return int(arr[max(0, int(np.ceil(fraction * arr.size)) - 1)])
 
 
-def truncation_warning(stats: dict, *, truncation: str) -> str | None:
-    """A warning when more than 1% of the documents lost tokens or were dropped, else None."""
+def truncation_warning(stats: dict, *, truncation: str, analyze: bool = False) -> str | None:
+    """A warning when more than 1% of the documents lost tokens or were dropped (with --analyze:
+    would be), else None."""
     docs = stats["doc_length"]["count"]
     lost = stats["dropped"] + stats["truncated"]
     if docs == 0 or lost <= WARN_LOSS_FRACTION * docs:
         return None
-    what = f"{stats['dropped']} dropped" + (f", {stats['truncated']} truncated"
-                                           if stats["truncated"] else "")
+    verb = "would be " if analyze else ""
+    what = f"{stats['dropped']} {verb}dropped" + (f", {stats['truncated']} {verb}truncated"
+                                                 if stats["truncated"] else "")
     other = {"drop": "--truncation right (cut the end) or prompt_left (cut the prompt's start)",
              "right": "--truncation drop (skip them whole) or prompt_left",
              "prompt_left": "--truncation drop (skip them whole) or right"}.get(truncation, "")
