@@ -324,3 +324,29 @@ def test_template_rewriting_earlier_turns_is_refused_with_the_reason(encoders):
     assert out.status == "invalid" and "drops earlier reasoning" in out.reason
     row["messages"] = row["messages"][:4]           # one row per user query: fine
     check_golden("qwen3", enc, row)
+
+
+def test_cli_chat_template_flag(run_cli, tmp_path, hermetic_tokenizer_dir):
+    """--chat_template through the command line: llama3 (no template of its own) + the Llama-3.1
+    tool template, rows from the openai_messages plugin; the manifest records the template."""
+    llama3 = shared_tokenizer_path("llama3")
+    data = tmp_path / "chats.jsonl"
+    row = copy.deepcopy(ECHO)
+    row["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo"}'
+    data.write_text(json.dumps(row) + "\n")
+    flags = ["--data_loader_path", str(PLUGINS / "openai_messages.py"), "--data_loader_args",
+             f"path={data}", "--encode_type", "chat", "--max_length", "1024"]
+    code, out, err = run_cli("--tokenizer_path", llama3, "--chat_template", str(LLAMA31), *flags)
+    assert code == 0, err
+    from shardfmt import open_dataset
+    ds = open_dataset(tmp_path / "out" / "c")
+    meta = ds.manifest["metadata"]
+    assert meta["encoder"]["chat_template"] == str(LLAMA31)
+    assert meta["special_tokens"]["template"]["chat_template"] == LLAMA31.read_text()
+    assert meta["special_tokens"]["end_of_turn_tokens"] == ["<|eot_id|>"]
+    assert len(loss_spans(ds[0].loss_mask)) == 2
+    for bad, message in [(["--chat_template", str(tmp_path / "nope.jinja")], "no such file"),
+                         (["--chat_template", "chatml_tools", "--template", "alpaca"],
+                          "works with --template chat")]:
+        code, out, err = run_cli("--tokenizer_path", hermetic_tokenizer_dir, *bad, *flags)
+        assert code == 2 and message in err
