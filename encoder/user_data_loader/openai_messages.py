@@ -9,11 +9,11 @@ assistant "tool_calls" ([{"id", "type": "function", "function": {"name", "argume
 tool "tool_call_id", optional "reasoning_content". The encoder checks them and parses JSON-string
 arguments into dicts (encoder/conversation.py). The legacy "function" role and "function_call"
 field are mapped to "tool" / "tool_calls". Blank lines are skipped; a bad JSON line raises naming
-its file and line. Accepts part/num_parts (contiguous slices of the lines) and comma-separated paths.
+its file and byte offset. `path`: comma-separated paths, globs, s3:// / gs:// URLs. Part-aware
+(part_index/num_parts): the input is cut by bytes (encoder/input_files.py).
 """
 
-import json
-from pathlib import Path
+from encoder.input_files import expand_paths, json_line, lines_of_part
 
 
 def to_row(record: dict) -> dict:
@@ -35,17 +35,7 @@ def to_row(record: dict) -> dict:
     return row
 
 
-def data_loader(path, part=None, num_parts=None):
-    lines = []
-    for one in str(path).split(","):
-        with open(one, encoding="utf-8") as f:
-            lines += [(one, n, line) for n, line in enumerate(f, 1) if line.strip()]
-    if part is not None:
-        total = len(lines)
-        lines = lines[int(part) * total // int(num_parts):(int(part) + 1) * total // int(num_parts)]
-    for name, n, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name}:{n}: not a JSON line ({e})") from None
-        yield to_row(record)
+def data_loader(path, part_index=None, num_parts=None):
+    for name, offset, line in lines_of_part(expand_paths(str(path)), part_index, num_parts):
+        if line.strip():
+            yield to_row(json_line(name, offset, line))

@@ -281,9 +281,10 @@ def test_openai_messages_plugin(tmp_path):
         "name": "get_weather", "arguments": {"city": "Paris"}}}
     assert rows[0][2]["tool_call_id"] == "call_1" and rows[0].tools == [WEATHER]
     assert rows[1][2]["role"] == "tool" and rows[1].tools == [WEATHER]
-    assert [len(list(mod.data_loader(str(path), part=i, num_parts=2))) for i in (0, 1)] == [1, 1]
+    assert [len(list(mod.data_loader(str(path), part_index=i, num_parts=2)))
+            for i in (0, 1)] == [1, 1]
     path.write_text("{not json\n")
-    with pytest.raises(ValueError, match="chats.jsonl:1"):
+    with pytest.raises(ValueError, match="chats.jsonl"):
         list(mod.data_loader(str(path)))
 
 
