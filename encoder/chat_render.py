@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from encoder.conversation import tools_of
+from encoder.conversation import REASONING_KEYS, tools_of
 from encoder.templates import Segment, TemplateError, merge_segments
 
 BUILTIN_CHAT_TEMPLATES = {"chatml_tools": Path(__file__).with_name("chat_templates") / "chatml_tools.jinja"}
@@ -265,7 +265,8 @@ class ChatTemplate:
         used = {"tools": bool(tools),
                 "tool_calls": any(m.get("tool_calls") for m in messages),
                 "tool_role": any(m["role"] == "tool" for m in messages),
-                "reasoning_content": any(m.get("reasoning_content") for m in messages)}
+                # transformers passes "thinking"/"reasoning" to templates as reasoning_content too
+                "reasoning_content": any(m.get(k) for m in messages for k in REASONING_KEYS)}
         missing = [k for k, v in used.items() if v and not self.features[k]]
         if missing:
             raise TemplateError(f"the chat template ({self.source}) does not render "

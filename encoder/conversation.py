@@ -3,7 +3,8 @@
 A chat row is `{"messages": [...], "tools": [...] (optional)}` in the OpenAI / Hugging Face shape:
   {"role": "system" | "user", "content": str}
   {"role": "assistant", "content": str | None, "tool_calls": [call, ...] (optional),
-   "reasoning_content": str (optional; rendered where the chat template supports it)}
+   "reasoning_content" (or "thinking" / "reasoning"): str (optional; rendered where the chat
+   template supports it; transformers passes every spelling to the template)}
   {"role": "tool", "content": str, "name"/"tool_call_id": ... (optional, passed to the template)}
   call  = {"type": "function", "function": {"name": str, "arguments": dict | JSON-object string}}
   tools = JSON schemas, {"type": "function", "function": {"name", "description", "parameters"}}
@@ -33,7 +34,9 @@ import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
-TOOL_KEYS = ("tool_calls", "reasoning_content")
+# spellings transformers 5 hands to every chat template (utils/chat_template_utils.py)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+TOOL_KEYS = ("tool_calls", *REASONING_KEYS)
 
 
 class Conversation(list):
@@ -115,10 +118,11 @@ def _check_message(k: int, m: Any) -> dict:
     out = dict(m)
     if isinstance(content, str):
         out["content"] = _utf8(content, f"message {k}")
-    if "reasoning_content" in m and m["reasoning_content"] is not None:
-        if role != "assistant" or not isinstance(m["reasoning_content"], str):
-            raise ValueError(f"message {k}: 'reasoning_content' must be a str on an assistant message")
-        out["reasoning_content"] = _utf8(m["reasoning_content"], f"message {k} reasoning_content")
+    for key in REASONING_KEYS:
+        if key in m and m[key] is not None:
+            if role != "assistant" or not isinstance(m[key], str):
+                raise ValueError(f"message {k}: {key!r} must be a str on an assistant message")
+            out[key] = _utf8(m[key], f"message {k} {key}")
     if calls is not None:
         if not isinstance(calls, list):
             raise ValueError(f"message {k}: 'tool_calls' must be a list, got {type(calls).__name__}")

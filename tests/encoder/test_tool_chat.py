@@ -351,3 +351,14 @@ def test_cli_chat_template_flag(run_cli, tmp_path, hermetic_tokenizer_dir):
                           "works with --template chat")]:
         code, out, err = run_cli("--tokenizer_path", hermetic_tokenizer_dir, *bad, *flags)
         assert code == 2 and message in err
+
+
+def test_thinking_spelling_reaches_the_template(encoders):
+    """gpt-oss style "thinking" is accepted and rendered (transformers 5 hands it to the template
+    as reasoning_content as well)."""
+    enc = encoders("qwen3")
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4", "thinking": "Add them."}]}
+    out = enc.encode_rows([check_row(row, encode_type="chat")])[0]
+    trained = [enc.tok.decode(out.ids[s:e].tolist()) for s, e in loss_spans(out.mask)]
+    assert trained == ["Add them.\n</think>\n\n4<|im_end|>"]
