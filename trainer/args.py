@@ -18,7 +18,9 @@ from pathlib import Path
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "lion")
+OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit", "lion8bit")  # *8bit: bitsandbytes
+QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 + double quantisation / LLM.int8
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 REPORT_TO = ("none", "tensorboard")
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -66,6 +68,11 @@ class TrainArgs:
     num_workers: int = 1
     ignore_tokenizer_mismatch: bool = False
     fused_loss: bool = True
+    # --- quantised LoRA and RoPE scaling (trainer/quantize.py, trainer/rope.py) ---
+    quantization: str | None = None
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
+    original_max_positions: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=d.fused_loss,
                    help="compute the loss chunk by chunk from the last hidden states, only where a "
                    "label is (no B x L x V logits); models it cannot be exact for use full logits")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="load the base model in 4-bit NF4 (double quantisation) or 8-bit LLM.int8 "
+                   "with bitsandbytes and train a LoRA on it (QLoRA; needs --use_lora). Compute dtype: "
+                   "--precision")
+    g.add_argument("--rope_scaling", choices=ROPE_SCALINGS, default=None,
+                   help="scale RoPE for a longer context (written into every checkpoint's config)")
+    g.add_argument("--rope_factor", type=float, default=None, help="--rope_scaling factor: the "
+                   "context becomes factor x the model's (or --original_max_positions) positions")
+    g.add_argument("--original_max_positions", type=int, default=None,
+                   help="--rope_scaling: the context the model was pretrained with (default: its "
+                   "max_position_embeddings)")
     g.add_argument("--use_lora", action="store_true")
     g.add_argument("--lora_config_path", default=None, help="JSON: r, alpha, dropout, target_modules, "
                    "modules_to_save")
@@ -249,6 +267,42 @@ def _check_combinations(args: TrainArgs, problems: list[str]) -> None:
                             f"in {args.deepspeed_config_path}; drop the flag or set the stage to \"auto\"")
 
 
+def _check_quantization_and_rope(args: TrainArgs, problems: list[str]) -> None:
+    if args.quantization:
+        if not args.use_lora:
+            problems.append(f"--quantization {args.quantization}: quantised weights cannot be "
+                            f"trained directly; add --use_lora (QLoRA)")
+        if args.from_scratch:
+            problems.append(f"--quantization {args.quantization} with --from_scratch: there are no "
+                            f"pretrained weights to quantise; drop one")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"--quantization {args.quantization}: bitsandbytes is not installed "
+                            f"(pip install '.[qlora]')")
+        if args.zero_stage == 3:
+            problems.append(f"--quantization {args.quantization} with --zero_stage 3: ZeRO-3 "
+                            f"partitions every parameter, and bitsandbytes' packed "
+                            f"{args.quantization} weights keep their quantisation state (scales) "
+                            f"outside the parameter, so a partition cannot be dequantised; use "
+                            f"--zero_stage 2 (the quantised base is replicated: a 7B model in "
+                            f"4-bit is ~4 GB per GPU)")
+    if args.optimizer.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"--optimizer {args.optimizer}: bitsandbytes is not installed")
+    if args.rope_scaling is None:
+        for flag in ("rope_factor", "original_max_positions"):
+            if getattr(args, flag) is not None:
+                problems.append(f"--{flag} given without --rope_scaling (add --rope_scaling "
+                                f"{'/'.join(ROPE_SCALINGS)})")
+    else:
+        if args.rope_factor is None:
+            problems.append(f"--rope_scaling {args.rope_scaling} needs --rope_factor F (e.g. 4 "
+                            f"for 4x the context)")
+        elif args.rope_factor <= 1.0:
+            problems.append(f"--rope_factor must be > 1 (got {args.rope_factor})")
+        if args.original_max_positions is not None and args.original_max_positions < 1:
+            problems.append(f"--original_max_positions must be >= 1 (got "
+                            f"{args.original_max_positions})")
+
+
 def validate_args(args: TrainArgs) -> list[str]:
     """Every problem with `args`, each naming the flag and the fix. Empty list: all good."""
     problems: list[str] = []
@@ -256,6 +310,7 @@ def validate_args(args: TrainArgs) -> list[str]:
     _check_length(args, problems)
     _check_paths(args, problems)
     _check_combinations(args, problems)
+    _check_quantization_and_rope(args, problems)
     return problems
 
 

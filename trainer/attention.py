@@ -20,12 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.families import VARLEN_MODEL_TYPES  # noqa: F401  (re-exported: the checked list)
+
 VARLEN_SDPA = "sdpa_varlen"
-# Model types whose attention layers call transformers' AttentionInterface with the keyword
-# arguments of the model's forward (so they reach this function): checked by
-# tests/trainer/test_packing.py for llama and qwen2; the others share that code.
-VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                                "qwen3_moe", "phi3"})
 
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

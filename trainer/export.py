@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # `python trainer/export.py` as well as `python -
 
 import torch
 
+from trainer.dtypes import PRECISION_DTYPES as DTYPES
 from trainer.checkpoint import DS_DIR, DS_TAG, PROMPT_FORMAT, read_state, resolve_checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _base_model_path(ckpt: Path, override: str | None) -> str:

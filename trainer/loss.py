@@ -26,14 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from trainer.data import IGNORE_INDEX
+from trainer.families import FUSED_MODEL_TYPES
+
 # Logits per chunk: 2**23 fp32 = 32 MB (262 rows at a 32k vocab, 55 at Qwen's 152k). Smaller chunks
 # lose matmul efficiency; 4x larger ones measured 15% slower on CPU (the chunk leaves the cache).
 CHUNK_ELEMENTS = 1 << 23
-# Model types whose causal-LM forward is exactly `logits = lm_head(hidden_states)` (no soft-capping
-# or logit scaling after the head, as in gemma2/3, cohere or granite): the fused head is exact.
-FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                               "qwen3_moe", "phi3"})
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:

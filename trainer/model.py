@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from shardfmt import vocab_hash
-from trainer.attention import VARLEN_MODEL_TYPES, VARLEN_SDPA, register_varlen_sdpa
+from trainer.attention import VARLEN_SDPA, register_varlen_sdpa
+from trainer.dtypes import PRECISION_DTYPES
+from trainer.families import VARLEN_MODEL_TYPES
 
 log = logging.getLogger("trainer")
 
-# Attention/MLP projections of Llama, Qwen2/3, Mistral, Gemma (default LoRA targets).
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": DEFAULT_LORA_TARGETS,
+# target_modules None: every Linear layer but the output layer, derived from the model (trainer/lora.py)
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": None,
                 "modules_to_save": None}
 
 
@@ -30,22 +31,55 @@ def resolve_precision(precision: str) -> torch.dtype:
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return PRECISION_DTYPES[precision]
 
 
-def resolve_attn_implementation(requested: str, model_type: str | None) -> str:
-    """auto: flash_attention_2 when flash_attn is installed and a GPU is present, else sdpa_varlen
-    (per-document SDPA on flattened micro-batches, trainer/attention.py) for the model types whose
-    attention it is checked for, else sdpa with a block-diagonal mask."""
+def _causal_lm_class(config):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def resolve_attn_implementation(requested: str, model) -> str:
+    """The attention implementation to load `model` (a config, or a model_type) with.
+
+    auto, in order: flash_attention_2 when flash_attn is installed, a GPU is present and the model
+    class supports it; sdpa_varlen (per-document SDPA on flattened micro-batches,
+    trainer/attention.py) for the model types it is checked for (trainer/families.py); sdpa with a
+    block-diagonal mask; eager for model classes that do not support sdpa (Gemma2: attention-logit
+    soft-capping). Logs one line saying what it chose and why.
+    """
+    from transformers import CONFIG_MAPPING
+    config = CONFIG_MAPPING[model]() if isinstance(model, str) and model in CONFIG_MAPPING else model
+    model_type = getattr(config, "model_type", model if isinstance(model, str) else None)
+    cls = _causal_lm_class(config) if config is not None and not isinstance(config, str) else None
+    name = cls.__name__ if cls is not None else repr(model_type)
+    sdpa_ok = cls is None or bool(getattr(cls, "_supports_sdpa", False))
     if requested == VARLEN_SDPA and model_type not in VARLEN_MODEL_TYPES:
         raise ValueError(f"--attn_implementation sdpa_varlen: not checked for model_type "
                          f"{model_type!r} (only {', '.join(sorted(VARLEN_MODEL_TYPES))}); use "
-                         f"--attn_implementation sdpa")
+                         f"--attn_implementation auto or sdpa")
+    if requested in ("sdpa", VARLEN_SDPA) and not sdpa_ok:
+        raise ValueError(f"--attn_implementation {requested}: {name} does not support sdpa "
+                         f"(transformers' _supports_sdpa is False); use --attn_implementation "
+                         f"auto or eager")
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return VARLEN_SDPA if model_type in VARLEN_MODEL_TYPES else "sdpa"
+    flash_ok = cls is not None and bool(getattr(cls, "_supports_flash_attn", False))
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None and flash_ok:
+        choice, why = "flash_attention_2", "flash-attn is installed, a GPU is present"
+    elif not sdpa_ok:
+        choice, why = "eager", (f"{name} does not support sdpa (e.g. Gemma2's attention-logit "
+                                f"soft-capping); packed documents get a block-diagonal mask")
+    elif model_type in VARLEN_MODEL_TYPES:
+        choice, why = VARLEN_SDPA, "per-document SDPA on flattened micro-batches (no flash-attn)"
+    else:
+        choice, why = "sdpa", (f"sdpa_varlen is not checked for model_type {model_type!r}; "
+                               f"packed documents get a block-diagonal mask")
+    log.info("--attn_implementation auto -> %s: %s", choice, why)
+    return choice
 
 
 def load_tokenizer(path: str | Path):
@@ -132,21 +166,27 @@ def check_data_fits_model(*, max_token_id: int, max_length: int, embedding_rows:
             f"(max_position_embeddings); re-encode with --max_length <= {max_positions}.")
 
 
-def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_implementation: str):
+def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_implementation: str,
+               config=None, load_kwargs: dict | None = None):
     """AutoModelForCausalLM from weights, or random init from config (--from_scratch).
 
-    Under ZeRO-3 the caller must hold an HfDeepSpeedConfig so parameters load partitioned.
+    `config`: a modified config to load with (--rope_scaling); `load_kwargs`: extra
+    from_pretrained arguments (--quantization: trainer/quantize.py). Under ZeRO-3 the caller must
+    hold an HfDeepSpeedConfig so parameters load partitioned.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     if attn_implementation == VARLEN_SDPA:
         register_varlen_sdpa()
     if from_scratch:
-        config = AutoConfig.from_pretrained(model_path)
+        config = config if config is not None else AutoConfig.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=attn_implementation)
     else:
+        extra = dict(load_kwargs or {})
+        if config is not None:
+            extra["config"] = config
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, **extra)
     model.config.use_cache = False
     return model
 
@@ -215,4 +255,6 @@ def enable_gradient_checkpointing(model, use_lora: bool) -> None:
 
 
 def max_positions(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+    """Longest sample the model can position (with --rope_scaling: the scaled limit)."""
+    from trainer.rope import position_limit
+    return position_limit(model.config)

@@ -48,8 +48,8 @@ def total_steps_for(args: TrainArgs, num_samples: int, global_batch: int) -> int
 
 
 def _precision_name(dtype) -> str:
-    import torch
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    from trainer.dtypes import precision_name
+    return precision_name(dtype)
 
 
 def _seed_everything(seed: int) -> None:
@@ -121,8 +121,9 @@ class Trainer:
         self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
         self.total_steps = total_steps_for(args, len(self.train_ds), self.global_batch)
         model_cfg = AutoConfig.from_pretrained(args.model_path)
-        self.attn = mdl.resolve_attn_implementation(args.attn_implementation,
-                                                    getattr(model_cfg, "model_type", None))
+        model_src = str(self.ckpt) if self.ckpt and not args.use_lora else args.model_path
+        self.model_config = self._scaled_config(model_src)
+        self.attn = mdl.resolve_attn_implementation(args.attn_implementation, model_cfg)
         from trainer.data import FLATTENED_ATTENTION
         self.flatten = self.attn in FLATTENED_ATTENTION
         raw, cfg_path = dsc.read_config(args)
@@ -131,21 +132,35 @@ class Trainer:
                                  hidden_size=int(getattr(model_cfg, "hidden_size", 1024)))
         self.ds_config = dsc.resolve_config(raw, cfg_path, values)
         self.zero3 = dsc.zero_stage_of(self.ds_config) == 3
+        if self.zero3 and args.quantization:
+            from trainer.quantize import ZERO3_REFUSAL
+            raise SetupError(f"--quantization {args.quantization} with the ZeRO-3 config {cfg_path}: "
+                             f"{ZERO3_REFUSAL}")
         self._hf_ds = None
         if self.zero3:  # before from_pretrained: load partitioned; keep the reference alive
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
 
         # ---- model
-        model_src = str(self.ckpt) if self.ckpt and not args.use_lora else args.model_path
+        from trainer import quantize
         model = mdl.load_model(model_src, from_scratch=args.from_scratch and self.ckpt is None,
-                               dtype=self.dtype, attn_implementation=self.attn)
+                               dtype=self.dtype, attn_implementation=self.attn,
+                               config=self.model_config,
+                               load_kwargs=quantize.load_kwargs(args.quantization, self.dtype,
+                                                                info.device))
         if self.tokenizer is not None:
             mdl.resize_embeddings(model, len(self.tokenizer))
         self._check_data(model)
-        if args.gradient_checkpointing:
+        if args.quantization:  # freezes the base; gradient checkpointing set up here too
+            model = quantize.prepare_for_training(model,
+                                                  gradient_checkpointing=args.gradient_checkpointing)
+        elif args.gradient_checkpointing:
             mdl.enable_gradient_checkpointing(model, args.use_lora)
-        self.lora_settings = mdl.lora_settings(args.lora_config_path) if args.use_lora else None
+        self.lora_settings = None
+        if args.use_lora:
+            from trainer.lora import resolve_lora_targets
+            self.lora_settings = resolve_lora_targets(model, mdl.lora_settings(args.lora_config_path),
+                                                      zero3=self.zero3)
         if args.use_lora:
             model = (mdl.load_lora(model, str(self.ckpt)) if self.ckpt
                      else mdl.apply_lora(model, self.lora_settings, self.new_token_ids, zero3=self.zero3))
@@ -165,6 +180,27 @@ class Trainer:
         self.run_dir = ckpt_mod.make_run_dir(args.output_path, args.save_name, args.no_timestamp, info)
 
     # ------------------------------------------------------------------------------ set-up parts
+    def _scaled_config(self, model_src: str):
+        """--rope_scaling applied to the config of the model being loaded (None: load as saved).
+        A checkpoint saved with the same scaling already holds it and is loaded as is."""
+        from transformers import AutoConfig
+
+        from trainer.rope import apply_rope_scaling, rope_summary
+        a = self.args
+        if not a.rope_scaling:
+            return None
+        config = AutoConfig.from_pretrained(model_src)
+        current = rope_summary(config) or {}
+        if current.get("rope_type") == a.rope_scaling and current.get("factor") == a.rope_factor:
+            return config
+        config = apply_rope_scaling(config, kind=a.rope_scaling, factor=a.rope_factor,
+                                    original_max_positions=a.original_max_positions)
+        if self.info.is_main:
+            log.info("--rope_scaling %s x%g: rope_parameters %s, max_position_embeddings %d",
+                     a.rope_scaling, a.rope_factor, rope_summary(config),
+                     config.max_position_embeddings)
+        return config
+
     def _check_data(self, model) -> None:
         from trainer import model as mdl
         rows = mdl.embedding_rows(model)
@@ -182,9 +218,9 @@ class Trainer:
         if not self.args.fused_loss:
             return False
         problem = fused_head_problem(model, zero3=self.zero3)
-        if problem and self.info.is_main:
-            log.warning("--fused_loss: computing the loss from full logits instead, because %s",
-                        problem)
+        if problem and self.info.is_main:  # a documented fallback, not a fault: one info line
+            log.info("--fused_loss: computing the loss from full logits instead, because %s",
+                     problem)
         return problem is None
 
     def _build_engine(self, model):
@@ -305,8 +341,13 @@ class Trainer:
                 "attn_implementation": self.attn,
                 "loss": "fused head" if self.fused_loss else "full logits", "zero_stage": 3 if self.zero3 else
                 self.ds_config.get("zero_optimization", {}).get("stage"),
-                "lora": self.lora_settings, "added_token_ids": self.new_token_ids,
+                "lora": self.lora_settings, "quantization": self.args.quantization,
+                "rope_parameters": self._rope_record(), "added_token_ids": self.new_token_ids,
                 "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None}
+
+    def _rope_record(self) -> dict | None:
+        from trainer.rope import rope_summary
+        return rope_summary(self.model_config) if self.model_config is not None else None
 
     def save(self) -> Path:
         from trainer.checkpoint import save_checkpoint
@@ -403,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args)
     except (SetupError, DataModelMismatch, IncompleteDatasetError, OSError, ValueError) as e:
+        # ValueError includes LoraTargetError (trainer/lora.py), RopeScalingError (trainer/rope.py)
         print(f"trainer: error before step 1: {e}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointSaveError, latest_checkpoint_name

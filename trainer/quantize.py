@@ -1,0 +1,60 @@
+"""QLoRA: load the base model in 4-bit (NF4, double quantisation) or 8-bit (LLM.int8) with
+bitsandbytes, prepared for k-bit training by peft, and LoRA trained on top.
+
+Memory (weights only): 7B parameters are 14 GB in bf16, ~3.9 GB in NF4 with double quantisation
+(4.127 bits/param: 4-bit codes + an 8-bit absmax per 64 weights + fp32 second-level scales per
+256 blocks), ~7 GB in int8. The LoRA weights, their gradients and optimizer moments stay in fp32.
+
+Data parallel: ZeRO-2 (and 1) partition only the trainable LoRA parameters' gradients and
+optimizer state; the quantised base is replicated and frozen. ZeRO-3 is refused in
+trainer/args.py (and for stage-3 DeepSpeed JSON files in train.py): it partitions every
+parameter, and a partition of a packed 4-bit weight cannot be dequantised without the
+quantisation state bitsandbytes keeps outside the parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("trainer")
+
+ZERO3_REFUSAL = ("ZeRO-3 partitions every parameter, and bitsandbytes' packed quantised weights keep "
+                 "their quantisation state (scales) outside the parameter, so a partition cannot be "
+                 "dequantised; use ZeRO-2 (set zero_optimization.stage to 2, or --zero_stage 2)")
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for --quantization 4bit|8bit; matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"--quantization {kind!r}: expected 4bit or 8bit")
+
+
+def load_kwargs(kind: str | None, compute_dtype: torch.dtype, device: torch.device) -> dict:
+    """Extra from_pretrained keyword arguments: quantisation config and the one device to load on."""
+    if not kind:
+        return {}
+    index = device.index if device.type == "cuda" and device.index is not None else device.type
+    return {"quantization_config": bnb_config(kind, compute_dtype), "device_map": {"": index}}
+
+
+def prepare_for_training(model, *, gradient_checkpointing: bool):
+    """peft's k-bit preparation: freeze the base, norms/embeddings to fp32, input grads for
+    checkpointing (non-reentrant, like the trainer's own)."""
+    from peft import prepare_model_for_kbit_training
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_quantized(model) -> bool:
+    base = getattr(model, "module", model)
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)
+                or getattr(base, "is_loaded_in_8bit", False))
