@@ -6,8 +6,12 @@
 
 What it handles, by what the checkpoint holds:
   * a LoRA adapter (adapter_config.json): the base model (from the adapter config or the run's
-    --model_path; `--base_model` overrides) is resized to the checkpoint's tokenizer exactly as in
-    training, the adapter is loaded and merged (`merge_and_unload`), tied embeddings stay tied;
+    --model_path; `--base` overrides) is resized to the checkpoint's tokenizer exactly as in
+    training, given the run's --rope_scaling, the adapter is loaded and merged
+    (`merge_and_unload`), tied embeddings stay tied. A QLoRA adapter (--quantization 4bit|8bit)
+    is merged into the unquantised base (full precision), and the export reports the max logit
+    difference between the merged model and the quantised base with its adapter (the
+    quantisation error the merged model no longer has), printed and saved in export_report.json;
   * full weights (model.safetensors): re-saved (optionally in another dtype), loadable as is;
   * only a DeepSpeed ZeRO engine checkpoint (`--save_optimizer` runs, or `--from_zero`): the fp32
     weights are reassembled from the ZeRO shards (`get_fp32_state_dict_from_zero_checkpoint`).
@@ -30,8 +34,10 @@ if __package__ in (None, ""):  # `python trainer/export.py` as well as `python -
 
 import torch
 
-from trainer.dtypes import PRECISION_DTYPES as DTYPES
 from trainer.checkpoint import DS_DIR, DS_TAG, PROMPT_FORMAT, read_state, resolve_checkpoint
+from trainer.dtypes import PRECISION_DTYPES as DTYPES
+
+REPORT = "export_report.json"
 
 
 
@@ -48,12 +54,24 @@ def _base_model_path(ckpt: Path, override: str | None) -> str:
                             f"pass --base_model PATH")
 
 
-def merge_lora(ckpt: Path, *, base_model: str | None, dtype: torch.dtype):
-    """Base resized to the checkpoint's tokenizer, adapter merged in: a plain model."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _run_args(ckpt: Path) -> dict:
+    return read_state(ckpt).get("args", {}) if (ckpt / "trainer_state.json").is_file() else {}
 
-    base = AutoModelForCausalLM.from_pretrained(_base_model_path(ckpt, base_model), dtype=dtype)
+
+def _base_for_adapter(ckpt: Path, base_path: str, *, dtype: torch.dtype, load_kwargs: dict):
+    """The base model as the run trained it: the run's --rope_scaling, resized to its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.rope import apply_rope_scaling, rope_summary
+    run = _run_args(ckpt)
+    config = AutoConfig.from_pretrained(base_path)
+    if run.get("rope_scaling"):
+        current = rope_summary(config) or {}
+        if not (current.get("rope_type") == run["rope_scaling"]
+                and current.get("factor") == run["rope_factor"]):
+            config = apply_rope_scaling(config, kind=run["rope_scaling"], factor=run["rope_factor"],
+                                        original_max_positions=run.get("original_max_positions"))
+    base = AutoModelForCausalLM.from_pretrained(base_path, config=config, dtype=dtype, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     rows = base.get_input_embeddings().weight.shape[0]
     saved_rows = _adapter_vocab_rows(ckpt)
@@ -61,8 +79,40 @@ def merge_lora(ckpt: Path, *, base_model: str | None, dtype: torch.dtype):
         base.resize_token_embeddings(saved_rows, mean_resizing=False)  # rows come from the adapter
     elif len(tokenizer) > rows:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return base, tokenizer
+
+
+def merge_lora(ckpt: Path, *, base_model: str | None, dtype: torch.dtype):
+    """Base resized to the checkpoint's tokenizer, adapter merged in: a plain model."""
+    from peft import PeftModel
+    base, tokenizer = _base_for_adapter(ckpt, _base_model_path(ckpt, base_model), dtype=dtype,
+                                        load_kwargs={})
     model = PeftModel.from_pretrained(base, ckpt).merge_and_unload()
     return model, tokenizer
+
+
+def quantized_logit_diff(ckpt: Path, merged, *, base_model: str | None, quantization: str,
+                         precision: str, num_tokens: int = 64, seed: int = 0) -> float:
+    """Max |logit| difference between `merged` and the quantised base + adapter (as trained), on
+    two rows of `num_tokens` random token ids (seeded: the same numbers on every run)."""
+    from peft import PeftModel
+
+    from trainer.model import resolve_precision
+    from trainer.quantize import load_kwargs
+    compute = resolve_precision(precision or "auto")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    base, _ = _base_for_adapter(ckpt, _base_model_path(ckpt, base_model), dtype=compute,
+                                load_kwargs=load_kwargs(quantization, compute, device))
+    quantized = PeftModel.from_pretrained(base, ckpt).eval()
+    vocab = merged.get_input_embeddings().weight.shape[0]
+    limit = getattr(merged.config, "max_position_embeddings", None) or num_tokens
+    ids = torch.randint(0, vocab, (2, min(num_tokens, limit)),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = merged.eval().to(device)(ids.to(device)).logits.float()
+        got = quantized(ids.to(device)).logits.float()
+    merged.to("cpu")
+    return float((want - got).abs().max())
 
 
 def _adapter_vocab_rows(ckpt: Path) -> int | None:
@@ -113,12 +163,20 @@ def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite")
     torch_dtype = DTYPES[dtype]
+    report: dict | None = None
     if use_zero or not any((ckpt / n).is_file() for n in ("model.safetensors",
                                                          "adapter_config.json",
                                                          "model.safetensors.index.json")):
         model, tokenizer = from_zero(ckpt, dtype=torch_dtype)
     elif (ckpt / "adapter_config.json").is_file():
         model, tokenizer = merge_lora(ckpt, base_model=base_model, dtype=torch_dtype)
+        run = _run_args(ckpt)
+        if run.get("quantization"):
+            report = {"checkpoint": str(ckpt), "quantization": run["quantization"],
+                      "merged_into": _base_model_path(ckpt, base_model),
+                      "max_logit_diff_merged_vs_quantized": quantized_logit_diff(
+                          ckpt, model, base_model=base_model, quantization=run["quantization"],
+                          precision=run.get("precision", "auto"))}
     else:
         model, tokenizer = full_model(ckpt, dtype=torch_dtype)
     tmp = out.with_name(out.name + ".tmp")
@@ -127,6 +185,8 @@ def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None
     tokenizer.save_pretrained(tmp)
     if (ckpt / PROMPT_FORMAT).is_file():
         shutil.copy2(ckpt / PROMPT_FORMAT, tmp / PROMPT_FORMAT)
+    if report is not None:
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     _check_loads(tmp, model)
     if out.exists():
         shutil.rmtree(out)
@@ -149,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoints/step_N dir or a run dir")
     ap.add_argument("--output", required=True, help="directory for the Hugging Face model")
-    ap.add_argument("--base_model", help="LoRA: base model dir (default: from the checkpoint)")
+    ap.add_argument("--base", "--base_model", dest="base_model",
+                    help="LoRA/QLoRA: the full-precision base model dir to merge into (default: the "
+                    "run's --model_path)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--from_zero", action="store_true",
                     help="rebuild weights from the DeepSpeed ZeRO engine checkpoint")
@@ -161,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 1
+    if (out / REPORT).is_file():
+        report = json.loads((out / REPORT).read_text())
+        print(f"{report['quantization']} adapter merged into the unquantised base "
+              f"{report['merged_into']}: max |logit difference| merged vs quantised+adapter = "
+              f"{report['max_logit_diff_merged_vs_quantized']:.4g}")
     print(f"exported {args.checkpoint} -> {out} (load with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
