@@ -9,8 +9,10 @@ the output layer, named by their last component: Llama's q/k/v/o/gate/up/down_pr
 MoE experts: transformers 5 stores a layer's experts as 3-D parameters (`experts.gate_up_proj`,
 `experts.down_proj`, E x out x in), not as Linear modules, so all-linear cannot see them. peft
 (>= 0.17) adapts such parameters with `target_parameters` (a LoRA per parameter, the same update
-for every expert's slice); they are added by default. Not under ZeRO-3: peft's parameter wrapper
-reads the full parameter, which ZeRO-3 has partitioned away (size 0) outside the layer's forward.
+for every expert's slice); they are added by default. peft's parameter wrapper has no dropout, so
+the default lora_dropout (0.05) becomes 0 for such models; a lora_dropout set in the user's JSON
+is kept and the experts are then left out (warned). Not under ZeRO-3: the wrapper reads the full
+parameter, which ZeRO-3 has partitioned away (size 0) outside the layer's forward.
 
 A user list (peft's matching: a name equals a module's full name or its last components; a single
 string is a regex on the full name) that matches no module is an error listing the Linear names
@@ -29,6 +31,7 @@ import torch
 log = logging.getLogger("trainer")
 
 ALL_LINEAR = "all-linear"
+DEFAULT_DROPOUT = 0.05
 
 
 class LoraTargetError(ValueError):
@@ -80,6 +83,7 @@ def resolve_lora_targets(model: torch.nn.Module, settings: dict, *, zero3: bool 
     linears = linear_modules(model)
     targets = cfg.get("target_modules")
     derived = targets is None or (isinstance(targets, str) and targets.lower() == ALL_LINEAR)
+    dropout = cfg.get("lora_dropout")
     if derived:
         cfg["target_modules"] = _short_names(linears)
         if "target_parameters" not in cfg:
@@ -88,8 +92,15 @@ def resolve_lora_targets(model: torch.nn.Module, settings: dict, *, zero3: bool 
                 log.warning("LoRA: MoE expert weights %s are not adapted under ZeRO-3 (peft's "
                             "parameter wrapper needs the whole parameter); use --zero_stage 2 to "
                             "adapt them", ", ".join(experts))
+            elif experts and dropout not in (None, 0, 0.0):
+                log.warning("LoRA: MoE expert weights %s are not adapted: peft's parameter wrapper "
+                            "needs lora_dropout 0 (yours: %s); set it to 0 to adapt them",
+                            ", ".join(experts), dropout)
             elif experts:
                 cfg["target_parameters"] = experts
+                dropout = 0.0 if dropout is None else dropout
+    cfg["lora_dropout"] = DEFAULT_DROPOUT if dropout is None else dropout
+    if derived:
         log.info("LoRA targets (all Linear layers but the output layer, derived from the model): "
                  "%s%s", ", ".join(cfg["target_modules"]),
                  f"; MoE experts: {', '.join(cfg['target_parameters'])}"

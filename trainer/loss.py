@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data import IGNORE_INDEX
-from trainer.families import FUSED_MODEL_TYPES
+from trainer.families import FUSED_MODEL_TYPES, LOGIT_TRANSFORM_ATTRS
 
 # Logits per chunk: 2**23 fp32 = 32 MB (262 rows at a 32k vocab, 55 at Qwen's 152k). Smaller chunks
 # lose matmul efficiency; 4x larger ones measured 15% slower on CPU (the chunk leaves the cache).
@@ -118,6 +118,9 @@ def fused_head_problem(model: torch.nn.Module, *, zero3: bool = False) -> str | 
     if model_type not in FUSED_MODEL_TYPES:
         return (f"model_type {model_type!r} is not one whose logits are exactly lm_head(hidden) "
                 f"({', '.join(sorted(FUSED_MODEL_TYPES))})")
+    for attr in LOGIT_TRANSFORM_ATTRS:
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return f"{attr}={getattr(config, attr)} transforms the logits after the output layer"
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return (f"the output layer is {type(head).__name__}, not a bias-free torch.nn.Linear "

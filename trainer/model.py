@@ -16,8 +16,9 @@ from trainer.families import VARLEN_MODEL_TYPES
 
 log = logging.getLogger("trainer")
 
-# target_modules None: every Linear layer but the output layer, derived from the model (trainer/lora.py)
-DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": None,
+# None: derived from the model by trainer/lora.py (target_modules: every Linear layer but the
+# output layer; lora_dropout: 0.05, or 0 where MoE experts are adapted, which peft requires)
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": None, "target_modules": None,
                 "modules_to_save": None}
 
 
