@@ -146,8 +146,7 @@ def wrapped_modules(peft_model: torch.nn.Module) -> list[str]:
     names = set()
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            clean = name.replace(".base_layer", "")
-            names.add(clean.rsplit(".", 1)[-1])
-            for pname in getattr(module, "parameter_name", None) and [module.parameter_name] or []:
-                names.add(f"{clean.rsplit('.', 1)[-1]}.{pname}")
+            short = name.replace(".base_layer", "").rsplit(".", 1)[-1]
+            param = getattr(module, "parameter_name", None)  # peft's ParamWrapper (MoE experts)
+            names.add(f"{short}.{param}" if param else short)
     return sorted(names)

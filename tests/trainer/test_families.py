@@ -220,17 +220,16 @@ def test_family_trains_full_and_lora(model_type, matrix_data, llama2_tokenizer, 
     ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 16]])
     row = {}
     for mode in ("full", "lora"):
-        extra = ["--use_lora", "--learning_rate", "2e-2"] if mode == "lora" else \
-            ["--learning_rate", "1e-2"]
+        extra = ["--use_lora"] if mode == "lora" else []
         trainer, state = run_in_process([
             "--model_path", str(model_dir), "--data_path", str(data), "--output_path",
-            str(tmp_path / mode), "--no_timestamp", "--max_steps", "6", "--micro_batch_size", "2",
+            str(tmp_path / mode), "--no_timestamp", "--max_steps", "12", "--micro_batch_size", "4",
             "--lr_scheduler", "constant", "--precision", "fp32", "--num_workers", "0",
-            "--logging_steps", "3", "--seed", "3", *extra])
+            "--logging_steps", "6", "--seed", "3", "--learning_rate", "1e-2", *extra])
         losses = [h["loss"] for h in state.loss_history]
-        assert np.mean(losses[-2:]) < losses[0] - 0.05, (model_type, mode, losses)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, (model_type, mode, losses)
         trained = trainer.engine.module.eval()
-        ckpt = tmp_path / mode / "run" / "checkpoints" / "step_6"
+        ckpt = tmp_path / mode / "run" / "checkpoints" / "step_12"
         if mode == "full":
             reloaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         else:
