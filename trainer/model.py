@@ -164,7 +164,9 @@ def check_data_fits_model(*, max_token_id: int, max_length: int, embedding_rows:
     if max_positions is not None and max_length > max_positions:
         raise DataModelMismatch(
             f"{flag}: samples up to {max_length} tokens but the model has {max_positions} positions "
-            f"(max_position_embeddings); re-encode with --max_length <= {max_positions}.")
+            f"(max_position_embeddings, with any --rope_scaling applied); re-encode with "
+            f"--max_length <= {max_positions}, or extend a RoPE model's context with "
+            f"--rope_scaling yarn --rope_factor {-(-max_length // max_positions)}.")
 
 
 def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_implementation: str,
