@@ -87,3 +87,18 @@ def test_encode_bench_distinct_copies(tmp_path):
     assert list(text.fn(path=str(enc.distinct_copy(src / "t.txt", 1, tmp_path / "out")))) == \
         ["[1] para one\nline", "[1] para two"]
     assert enc.distinct_copy(src / "a.json", 2, tmp_path / "out") == copy   # reused, not rewritten
+
+
+def test_gpu_check_prints_one_skip_line_without_cuda():
+    """bash bench/gpu_check.sh on a machine without CUDA: exactly one "skip:" line, exit 0."""
+    import os
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the check itself runs (minutes), not the skip")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("skip: bench/gpu_check.sh needs a CUDA GPU")
