@@ -122,9 +122,9 @@ def test_qlora_zero2_two_ranks_equals_one_process(qassets, tmp_path):
     common = ["--use_lora", "--quantization", "4bit", "--learning_rate", "1e-2",
               "--num_workers", "0", "--max_steps", "3", "--zero_stage", "2"]
     run_train(base_args(qassets, tmp_path / "dp", "--micro_batch_size", "1", *common),
-              launcher="deepspeed", nproc=2)
+              launcher="torchrun", nproc=2, timeout=900)
     run_train(base_args(qassets, tmp_path / "one", "--micro_batch_size", "1",
-                        "--gradient_accumulation_steps", "2", *common))
+                        "--gradient_accumulation_steps", "2", *common), timeout=600)
     dp = losses(only_run_dir(tmp_path / "dp") / "checkpoints" / "step_3")
     one = losses(only_run_dir(tmp_path / "one") / "checkpoints" / "step_3")
     assert max(abs(x - y) for x, y in zip(dp, one)) <= 1e-5, (dp, one)
