@@ -117,7 +117,7 @@ def test_position_ids_alone_leak_across_documents(model_dir):
 def test_auto_attention_picks_varlen_only_where_checked():
     from trainer.model import resolve_attn_implementation
     assert resolve_attn_implementation("auto", "llama") == "sdpa_varlen"  # no GPU here
-    assert resolve_attn_implementation("auto", "gpt2") == "sdpa"
-    assert resolve_attn_implementation("sdpa", "gpt2") == "sdpa"
-    with pytest.raises(ValueError, match="sdpa_varlen: not checked for model_type 'gpt2'"):
-        resolve_attn_implementation("sdpa_varlen", "gpt2")
+    assert resolve_attn_implementation("auto", "falcon") == "sdpa"
+    assert resolve_attn_implementation("sdpa", "falcon") == "sdpa"
+    with pytest.raises(ValueError, match="sdpa_varlen: not checked for model_type 'falcon'"):
+        resolve_attn_implementation("sdpa_varlen", "falcon")
