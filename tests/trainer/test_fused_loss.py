@@ -104,13 +104,18 @@ def test_model_loss_and_grads_equal_full_logits(tmp_path, kind, tie):
 
 def test_which_models_may_use_it(tmp_path):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import (AutoModelForCausalLM, BloomConfig, BloomForCausalLM, Gemma2Config,
+                              Gemma2ForCausalLM)
     build_model(tmp_path, vocab_size=VOCAB, seed=5)
     load = lambda: AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)  # noqa: E731
     lora_body = get_peft_model(load(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert fused_head_problem(lora_body) is None  # the default LoRA targets leave lm_head plain
     lora_head = get_peft_model(load(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     assert "not a bias-free torch.nn.Linear" in fused_head_problem(lora_head)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
-    assert "model_type 'gpt2'" in fused_head_problem(gpt2)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2))
+    assert "model_type 'bloom'" in fused_head_problem(bloom)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=1, head_dim=8, pad_token_id=0))
+    assert "final_logit_softcapping=30.0" in fused_head_problem(gemma2)
     assert "ZeRO-3" in fused_head_problem(load(), zero3=True)
