@@ -122,8 +122,12 @@ def test_zero3_json_with_quantization_is_refused_before_loading(qassets, tmp_pat
 
 @pytest.mark.slow
 def test_qlora_zero2_two_ranks_equals_one_process(qassets, tmp_path):
-    """2 ranks x micro-batch 1 == 1 process x 2 accumulation steps (the same global batch)."""
-    common = ["--use_lora", "--quantization", "4bit", "--learning_rate", "1e-2",
+    """2 ranks x micro-batch 1 == 1 process x 2 accumulation steps (the same global batch).
+    LoRA dropout off: 2 ranks draw their dropout masks from one seed, 1 process draws two."""
+    lora = tmp_path / "lora.json"
+    lora.write_text(json.dumps({"lora_dropout": 0.0}))
+    common = ["--use_lora", "--lora_config_path", str(lora), "--quantization", "4bit",
+              "--learning_rate", "1e-2",
               "--num_workers", "0", "--max_steps", "3", "--zero_stage", "2"]
     run_train(base_args(qassets, tmp_path / "dp", "--micro_batch_size", "1", *common),
               launcher="torchrun", nproc=2, timeout=900)
