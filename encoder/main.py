@@ -8,10 +8,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from pathlib import Path
+
+PROCESS_START = time.time()   # before the heavy imports: the set-up line counts them
+
+import itertools  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,14 +25,15 @@ from typing import Any, Callable, Iterable, Iterator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from encoder.chat_render import resolve_chat_template  # noqa: E402
-from encoder.cli import build_parser, check_args, parse_part  # noqa: E402
+from encoder.cli import EncodeArgs, build_parser, check_args, parse_part  # noqa: E402
 from encoder.packing import PretrainChunker, pack_windows  # noqa: E402
-from encoder.pipeline import encode_batches, reject, validated_batches  # noqa: E402
+from encoder.pipeline import (encode_batches, read_ahead, reject,  # noqa: E402
+                              validated_batches)
 from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # noqa: E402
                              parse_kv_args)
 from encoder.json_tokenizer import JsonTokenizer  # noqa: E402
-from encoder.sample_encoder import (Encoded, EncoderSpec, SampleEncoder,  # noqa: E402
-                                    load_spec_tokenizer)
+from encoder.sample_encoder import (CrossCheckError, Encoded, EncodedBatch,  # noqa: E402
+                                    EncoderSpec, SampleEncoder, load_spec_tokenizer)
 from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
 from encoder.templates import TemplateError  # noqa: E402
@@ -41,10 +46,14 @@ USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, encode, print a summary. Returns 0, or 2 after a one-line error."""
-    args = build_parser().parse_args(argv)
+    args = EncodeArgs.from_namespace(build_parser().parse_args(argv))
+    set_thread_env(args)
     try:
         check_args(args)
         run(args)
+    except CrossCheckError as e:   # the engine disagreed with the reference: the run failed
+        print(f"llm-encode: error: {e}", file=sys.stderr)
+        return 1
     except USER_ERRORS as e:
         print(f"llm-encode: error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-encode: error: {io_error_text(e, args)}", file=sys.stderr)
         return 2
     return 0
+
+
+def set_thread_env(args: Any) -> None:
+    """Thread counts for the Rust tokenizers, set here (the command) and never by the library,
+    and only where the user has not set them: gigatoken's pool gets --num_workers threads;
+    worker processes each run HF tokenizers single-threaded (K processes share the cores)."""
+    if args.num_workers is not None and args.num_workers >= 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(args.num_workers))
+        if args.num_workers > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def io_error_text(e: OSError, args: Any) -> str:
@@ -65,8 +84,11 @@ def io_error_text(e: OSError, args: Any) -> str:
 
 
 def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Encode according to parsed `args`; returns the stats dict. `progress(rows, tokens)`, if
-    given, is called every 256 rows with the counts so far (encoder.distributed reports them)."""
+    """Encode according to `args` (EncodeArgs, or a parsed Namespace: converted, not changed);
+    returns the stats dict. `progress(rows, tokens)`, if given, is called after every batch with
+    the counts so far (encoder.distributed reports them)."""
+    if not isinstance(args, EncodeArgs):
+        args = EncodeArgs.from_namespace(args)
     started = time.time()
     part = parse_part(args.part)
     plugin = load_plugin(args.data_loader_path)
@@ -75,27 +97,50 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
                        max_length=args.max_length, template=args.template,
                        truncation=args.truncation, add_tokens=tuple(args.add_tokens),
                        tokenizer_backend=args.tokenizer_backend, chat_template=chat_template,
-                       chat_template_source=chat_template_source)
+                       chat_template_source=chat_template_source,
+                       cross_check_every=args.cross_check_every,
+                       parallel=args.num_workers is None or args.num_workers > 1)
     tok = load_spec_tokenizer(spec)
+    # the tokenizer's identity for the manifest (get_vocab + hash: ~0.3-0.8 s for qwen3) is
+    # computed in the background while the engine is chosen
+    from concurrent.futures import ThreadPoolExecutor
+    from shardfmt import tokenizer_identity
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity") as side:
+        identity = side.submit(tokenizer_identity, tok)
+        return _run_loaded(args, started=started, part=part, plugin=plugin, spec=spec, tok=tok,
+                           identity=identity, progress=progress)
+
+
+def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plugin: Any,
+                spec: EncoderSpec, tok: Any, identity: Any,
+                progress: Callable[[int, int], None] | None) -> dict:
     added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     encoder = SampleEncoder(spec, tokenizer=tok)
-    print(f"setup {time.time() - started:.1f}s: {tokenizer_loader_name(tok)} len {len(tok)}, "
-          f"dtype {dtype}, template {args.template if args.encode_type != 'pretrain' else '-'}",
-          file=sys.stderr)
-    started = time.time()
     stats = RunStats(max_length=args.max_length)
-    samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder, stats=stats,
-                            progress=progress)
+    clock = {"steady": time.time()}
+
+    def ready() -> None:   # the engine is chosen (first batch read): set-up ends here
+        print(f"setup {time.time() - started:.1f}s ({time.time() - PROCESS_START:.2f}s since "
+              f"start: imports, tokenizer load, engine choice): {tokenizer_loader_name(tok)} len "
+              f"{len(tok)}, dtype {dtype}, template "
+              f"{args.template if args.encode_type != 'pretrain' else '-'}", file=sys.stderr)
+        clock["steady"] = time.time()
+
+    # a generator: nothing is read before the writer has created the (incomplete) dataset dir
+    samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder,
+                            stats=stats, on_ready=ready, progress=progress)
     if args.analyze:
         if args.plot:
             print("note: --plot is ignored with --analyze (nothing is written)", file=sys.stderr)
         for segs, _ in samples:
             stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
         result = stats.as_dict()
+        result["tokenizer_backend"] = encoder.backend_info()
     else:
         result = write_dataset(samples, args=args, stats=stats, dtype=dtype, encoder=encoder,
-                               added=added, part=part)
+                               added=added, part=part, tokenizer_info=identity)
+    started = clock["steady"]
     for line in summary_lines(result, seconds=time.time() - started):
         print(line)
     if args.analyze and args.encode_type != "pretrain":
@@ -117,67 +162,80 @@ def tokenizer_loader_name(tok: Any) -> str:
 
 def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
                   encoder: SampleEncoder, stats: RunStats,
+                  on_ready: Any = None,
                   progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
-    """plugin rows -> validated batches -> encoded docs (in order) -> training samples."""
+    """plugin rows -> validated batches (reader thread) -> encoded batches (tokenizer thread/pool,
+    in order) -> training samples. The engine is chosen on the first batch (`select_backend`),
+    then `on_ready()` is called; `progress(rows, tokens)` after every batch."""
     rows = iter_part(plugin, parse_kv_args(args.data_loader_args), part=part)
-    batches = validated_batches(rows, encode_type=args.encode_type, plugin_path=plugin.path,
-                                skip_invalid=args.skip_invalid, stats=stats)
-    encoded = with_progress(encode_batches(batches, spec=spec, num_workers=args.num_workers,
+    batches = read_ahead(validated_batches(rows, encode_type=args.encode_type,
+                                           plugin_path=plugin.path,
+                                           skip_invalid=args.skip_invalid, stats=stats))
+    first = next(batches, None)
+    engine = encoder.select_backend(first[1] if first else [])
+    print(f"tokenizer backend: {engine} ({encoder.backend_reason}); cross-check: "
+          f"{encoder.backend_info()['cross_check']}", file=sys.stderr)
+    if on_ready is not None:
+        on_ready()
+    if first is not None:
+        batches = itertools.chain([first], batches)
+    encoded = with_progress(encode_batches(batches, spec=spec, num_workers=args.num_workers or 1,
                                            encoder=encoder), progress)
+    if args.encode_type == "pretrain":
+        yield from pretrain_samples(encoded, max_length=args.max_length, stats=stats,
+                                    drop_remainder=args.drop_remainder)
+        return
     docs = accepted_docs(encoded, stats=stats, plugin_path=plugin.path,
                          skip_invalid=args.skip_invalid)
-    return to_samples(docs, args=args, stats=stats)
+    yield from to_samples(docs, args=args, stats=stats)
 
 
 # -- stream stages --------------------------------------------------------------------------------
-def with_progress(items: Iterable[tuple[int, Encoded]],
-                  progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, Encoded]]:
-    """tqdm bar over rows with tokens/s (shown on a terminal only); `progress(rows, tokens)`."""
+Encoded_ = tuple[list[int], EncodedBatch]
+
+
+def with_progress(items: Iterable[Encoded_],
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[Encoded_]:
+    """tqdm bar over rows with tokens/s (shown on a terminal only), updated once per batch;
+    `progress(rows, tokens)` likewise."""
     from tqdm import tqdm
 
     bar = tqdm(unit=" rows", dynamic_ncols=True, disable=None, file=sys.stderr)
-    start, tokens, pending, rows = time.time(), 0, 0, 0
+    start, tokens, rows = time.time(), 0, 0
     try:
-        for item in items:
-            tokens += item[1].raw_len
-            pending += 1
-            if pending == 256:
-                bar.update(pending)
-                rows += pending
-                if progress is not None:
-                    progress(rows, tokens)
-                pending = 0
-                bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tok/s",
-                                    refresh=False)
-            yield item
-        bar.update(pending)
-        if progress is not None:
-            progress(rows + pending, tokens)
+        for idx, batch in items:
+            tokens += int(batch.raw_lens.sum())
+            rows += len(idx)
+            bar.update(len(idx))
+            bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tok/s",
+                                refresh=False)
+            if progress is not None:
+                progress(rows, tokens)
+            yield idx, batch
     finally:
         bar.close()
 
 
-def accepted_docs(encoded: Iterable[tuple[int, Encoded]], *, stats: RunStats, plugin_path: str,
+def accepted_docs(encoded: Iterable[Encoded_], *, stats: RunStats, plugin_path: str,
                   skip_invalid: bool) -> Iterator[Encoded]:
     """Encoded documents that survive; counts truncated/dropped, rejects template failures."""
-    for i, enc in encoded:
-        if enc.status == "invalid":
-            reject(RowError(plugin_path, i, enc.reason), skip_invalid=skip_invalid, stats=stats)
-            continue
-        stats.doc_lengths.append(enc.raw_len)
-        if enc.status == "dropped":
-            stats.dropped += 1
-            continue
-        stats.truncated += enc.status == "truncated"
-        yield enc
+    for idx, batch in encoded:
+        for i, enc in zip(idx, batch.rows()):
+            if enc.status == "invalid":
+                reject(RowError(plugin_path, i, enc.reason), skip_invalid=skip_invalid,
+                       stats=stats)
+                continue
+            stats.doc_lengths.append(enc.raw_len)
+            if enc.status == "dropped":
+                stats.dropped += 1
+                continue
+            stats.truncated += enc.status == "truncated"
+            yield enc
 
 
 def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterator[Sample]:
-    """Documents -> training samples: pretrain chunks, packed bins, or one document each."""
-    if args.encode_type == "pretrain":
-        yield from pretrain_samples(docs, max_length=args.max_length, stats=stats,
-                                    drop_remainder=args.drop_remainder)
-    elif args.merge_data:
+    """qa/chat documents -> training samples: packed bins, or one document each."""
+    if args.merge_data:
         pairs = ((d.ids, d.mask) for d in docs)
         for packed in pack_windows(pairs, capacity=args.max_length, window=args.pack_window):
             yield packed, False
@@ -186,17 +244,19 @@ def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterat
             yield [(d.ids, d.mask)], False
 
 
-def pretrain_samples(docs: Iterable[Encoded], *, max_length: int, stats: RunStats,
+def pretrain_samples(encoded: Iterable[Encoded_], *, max_length: int, stats: RunStats,
                      drop_remainder: bool) -> Iterator[Sample]:
-    """Concatenate documents and cut into max_length samples; every token is trained."""
+    """Concatenate documents and cut into max_length samples; every token is trained. Works a
+    batch at a time on flat arrays (`PretrainChunker.push_batch`): no Python per document."""
     chunker = PretrainChunker(max_length=max_length)
 
     def with_masks(sample: tuple[list[np.ndarray], bool]) -> Sample:
         segs, cont = sample
         return [(s, None) for s in segs], cont  # None = every token trained (writer fast path)
 
-    for d in docs:
-        for sample in chunker.push(d.ids):
+    for _, batch in encoded:
+        stats.doc_lengths.frombytes(batch.raw_lens.astype(np.int32).tobytes())
+        for sample in chunker.push_batch(batch.ids, batch.offsets):
             yield with_masks(sample)
     rest = chunker.finish()
     if rest is not None:
@@ -208,8 +268,11 @@ def pretrain_samples(docs: Iterable[Encoded], *, max_length: int, stats: RunStat
 
 # -- writing --------------------------------------------------------------------------------------
 def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtype: str,
-                  encoder: SampleEncoder, added: dict, part: tuple[int, int] | None) -> dict:
-    """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it."""
+                  encoder: SampleEncoder, added: dict, part: tuple[int, int] | None,
+                  tokenizer_info: Any = None) -> dict:
+    """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it.
+    `tokenizer_info`: the manifest's tokenizer identity, or a future of it (computed while the
+    first batch is read; needed only when the manifest is written)."""
     from shardfmt import ShardWriter, tokenizer_identity
 
     packing = "chunk" if args.encode_type == "pretrain" else "bfd" if args.merge_data else "none"
@@ -218,7 +281,7 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
         writer = ShardWriter(args.output_path, args.corpus_name, dtype=dtype,
                              encode_type=args.encode_type, max_length=args.max_length,
                              tokens_per_file=tokens_per_file,
-                             tokenizer_info=tokenizer_identity(encoder.tok), packing=packing,
+                             tokenizer_info={}, packing=packing,
                              metadata=run_metadata(args, encoder=encoder, added=added, part=part),
                              overwrite=args.overwrite)
     except FileExistsError as e:
@@ -234,6 +297,10 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
             shard_tokens[-1] += n
         stats.tokens_per_shard = shard_tokens
         w.metadata["stats"] = result = stats.as_dict()
+        result["tokenizer_backend"] = w.metadata["encoder"]["tokenizer_backend"] = \
+            encoder.backend_info()   # chosen on the first batch, after the writer was created
+        w.tokenizer_info = (tokenizer_info.result() if hasattr(tokenizer_info, "result")
+                            else tokenizer_info or tokenizer_identity(encoder.tok))
         if added:
             encoder.tok.save_pretrained(str(w.directory / "tokenizer"))
         # before the writer closes: manifest.json is written last, so a dataset with a manifest
@@ -265,6 +332,7 @@ def run_metadata(args: Any, *, encoder: SampleEncoder, added: dict,
             "data_loader_args": parse_kv_args(args.data_loader_args),
             "part": f"{part[0]}/{part[1]}" if part else None,
             "tokenizer_loader": tokenizer_loader_name(encoder.tok),
+            "tokenizer_backend": encoder.backend_info(),
         },
         "special_tokens": encoder.describe(),
         "added_tokens": added,

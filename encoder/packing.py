@@ -201,6 +201,42 @@ class PretrainChunker:
                 self._segments, self._fill = [], 0
         return done
 
+    def push_batch(self, ids: np.ndarray, offsets: np.ndarray
+                   ) -> list[tuple[list[np.ndarray], bool]]:
+        """`push` for a whole batch of documents at once (document k = ids[offsets[k]:
+        offsets[k+1]]): one concatenation, then per *sample* (not per document) a searchsorted
+        for the document ends inside it. Same samples and flags as pushing one by one.
+
+        >>> c = PretrainChunker(max_length=4)
+        >>> [([s.tolist() for s in segs], cont)
+        ...  for segs, cont in c.push_batch(np.arange(8), np.array([0, 6, 8]))]
+        [([[0, 1, 2, 3]], False), ([[4, 5], [6, 7]], True)]
+        """
+        length = self.max_length
+        carry_ends = np.cumsum([len(x) for x in self._segments], dtype=np.int64)
+        carry = self._fill
+        stream = np.concatenate(self._segments + [ids[offsets[0]:offsets[-1]]]) \
+            if self._segments else ids[offsets[0]:offsets[-1]]
+        ends = np.concatenate([carry_ends, carry + offsets[1:] - offsets[0]])  # document ends
+        full = len(stream) // length
+        done = []
+        continues = self._continues
+        for k in range(full):
+            a, b = k * length, (k + 1) * length
+            lo, hi = np.searchsorted(ends, a, "right"), np.searchsorted(ends, b, "left")
+            done.append((np.split(stream[a:b], ends[lo:hi] - a), continues))
+            continues = not (hi < len(ends) and ends[hi] == b)   # next sample starts mid-document
+        a = full * length
+        rest = stream[a:]
+        if len(rest):
+            lo = np.searchsorted(ends, a, "right")
+            self._segments = np.split(rest, ends[lo:-1] - a) if lo < len(ends) - 1 else [rest]
+        else:
+            self._segments = []
+        self._fill = len(rest)
+        self._continues = continues
+        return done
+
     def finish(self) -> tuple[list[np.ndarray], bool] | None:
         """The remainder (< max_length tokens) or None when the stream ended on a boundary."""
         if not self._segments:

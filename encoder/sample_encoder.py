@@ -1,4 +1,4 @@
-"""Rows -> token ids + loss masks, a batch at a time (one fast-tokenizer call per batch).
+"""Rows -> token ids + loss masks, a batch at a time (one tokenizer call per batch and kind).
 
 `SampleEncoder` is built from a small picklable `EncoderSpec`, so worker processes build their own
 copy (tokenizer loaded once per worker) and the output does not depend on the worker count.
@@ -11,9 +11,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from encoder.backends import Ragged, choose_backend, reference_encoder
 from encoder.templates import TemplateError, make_template, render
 from encoder.tokenizer_policy import load_tokenizer, measure_policy
 from encoder.truncation import truncate
+
+CROSS_CHECK_EVERY = 1000   # ~0.1% of rows re-encoded with the reference (qwen3: ~+1% time)
+MARKUP_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,11 @@ class EncoderSpec:
     template: str = "none"
     truncation: str = "drop"
     add_tokens: tuple[str, ...] = field(default_factory=tuple)
-    tokenizer_backend: str = "auto"
+    tokenizer_backend: str = "auto"          # auto | gigatoken | tokenizers | transformers
     chat_template: str | None = None           # jinja text from --chat_template (template chat)
     chat_template_source: str | None = None    # its file path or "builtin:NAME", for the manifest
+    cross_check_every: int = CROSS_CHECK_EVERY  # re-encode ~1 row in N with the reference; 0: off
+    parallel: bool = True                     # gigatoken's own thread pool (False in workers)
 
 
 def load_spec_tokenizer(spec: EncoderSpec) -> Any:
@@ -49,13 +55,94 @@ class Encoded(NamedTuple):
     reason: str = ""
 
 
+class CrossCheckError(RuntimeError):
+    """The engine and the reference gave different ids for a sampled row: the run stops (exit 1)."""
+
+    def __init__(self, row: int, engine: str, ids: list[int], reference: str, ref_ids: list[int]):
+        diff = next((k for k, (a, b) in enumerate(zip(ids, ref_ids)) if a != b),
+                    min(len(ids), len(ref_ids)))
+        super().__init__(
+            f"cross-check failed at row {row}: {engine} and {reference} give different ids "
+            f"(first difference at position {diff}; {len(ids)} vs {len(ref_ids)} ids). "
+            f"{engine} ids: {ids}; {reference} ids: {ref_ids}. Nothing was completed (no "
+            f"manifest); re-run with --tokenizer_backend {reference} and report the row to "
+            f"the {engine} project")
+        self.row, self.ids, self.ref_ids = row, ids, ref_ids
+
+
+def cross_check_sampled(row_ids: np.ndarray, every: int) -> np.ndarray:
+    """Positions of rows in the deterministic ~1-in-`every` sample: a multiplicative hash of the
+    row number (not `row % every`, which would follow any period in the data).
+
+    >>> cross_check_sampled(np.arange(5), 1).tolist()
+    [0, 1, 2, 3, 4]
+    """
+    if every <= 0:
+        return np.zeros(0, dtype=np.int64)
+    h = (np.asarray(row_ids, dtype=np.uint64) * np.uint64(0x9E3779B1)) % np.uint64(1 << 32)
+    return np.flatnonzero(h % np.uint64(every) == 0)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of encoded rows as flat arrays (no Python object per row until `rows()`).
+
+    Row k's ids are `ids[offsets[k]:offsets[k+1]]` (empty for invalid rows); rows that were
+    truncated or dropped are in `changed` (k -> Encoded), invalid ones in `invalid` (k -> reason).
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    mask: np.ndarray | None
+    raw_lens: np.ndarray
+    changed: dict = field(default_factory=dict)
+    invalid: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self) -> list[Encoded]:
+        cuts = self.offsets[1:-1]
+        ids_rows = np.split(self.ids, cuts)
+        mask_rows = np.split(self.mask, cuts) if self.mask is not None else [None] * len(ids_rows)
+        raw = self.raw_lens.tolist()
+        out = []
+        for k, (ids, mask) in enumerate(zip(ids_rows, mask_rows)):
+            if k in self.invalid:
+                out.append(Encoded(None, None, "invalid", 0, self.invalid[k]))
+            elif k in self.changed:
+                out.append(self.changed[k])
+            else:
+                out.append(Encoded(ids, mask, "ok", raw[k]))
+        return out
+
+
+def _wrap_rows(r: Ragged, prefix: list[int], suffix: list[int]) -> Ragged:
+    """`prefix + row + suffix` for every row, in numpy (pretrain: BOS? + text + EOS)."""
+    p, s = len(prefix), len(suffix)
+    n = len(r.offsets) - 1
+    lens = r.lengths() + (p + s)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    out = np.empty(int(offsets[-1]), dtype=np.int64)
+    # token j of row i moves right by the i*(p+s) wrapper tokens before it, plus this row's prefix
+    dest = np.arange(len(r.flat), dtype=np.int64) + np.repeat(
+        np.arange(n, dtype=np.int64) * (p + s) + p, r.lengths())
+    out[dest] = r.flat
+    for k, t in enumerate(prefix):
+        out[offsets[:-1] + k] = t
+    for k, t in enumerate(suffix):
+        out[offsets[1:] - s + k] = t
+    return Ragged(out, offsets)
+
+
 class SampleEncoder:
     """Encode validated rows (str for pretrain, message lists for qa/chat).
 
     >>> enc = SampleEncoder(EncoderSpec("../shared/tokenizers/llama2", "qa", 64))  # doctest: +SKIP
     >>> enc.encode_rows([[{"role": "user", "content": "Hi"},
     ...                   {"role": "assistant", "content": "Yo"}]])[0].ids      # doctest: +SKIP
-    array([    1, 6324,   612, 29877,     2], dtype=int32)
+    array([    1, 6324,   612, 29877,     2])
     """
 
     def __init__(self, spec: EncoderSpec, *, tokenizer: Any = None):
@@ -76,7 +163,12 @@ class SampleEncoder:
                                           chat_template_source=spec.chat_template_source)
             self.end_ids = list(self.template.end_ids)
         self.control_ids = self._control_ids()
-        self._backend = self._pick_backend()
+        self._control_arr = np.array(sorted(self.control_ids), dtype=np.int64)
+        self.engine: Any = None        # chosen by select_backend (or use_backend in workers)
+        self.reference: Any = None
+        self.backend_reason = ""
+        self.cross_checked = 0
+        self._markup_cache: dict[str, np.ndarray] = {}
 
     def _control_ids(self) -> frozenset[int]:
         """Ids that data text must never produce: BOS, EOS, pad, unk, the template's markers."""
@@ -87,16 +179,58 @@ class SampleEncoder:
         ids.discard(None)
         return frozenset(ids)
 
+    # -- backend ----------------------------------------------------------------------------------
+    def select_backend(self, rows: list[Any]) -> str:
+        """Choose the engine (`--tokenizer_backend`), calibrating on `rows` (the first batch).
+        Returns the engine's name; `backend_reason` says why."""
+        seg_rows, _ = self._segments(rows)
+        texts = [v for segs in seg_rows for kind, v, _ in segs if kind != "ids"]
+        self.engine, self.reference, self.backend_reason = choose_backend(
+            self.spec.tokenizer_backend, self.tok, texts=texts, parallel=self.spec.parallel)
+        self._markup_cache.clear()
+        return self.engine.name
+
+    def use_backend(self, name: str) -> None:
+        """Use engine `name` as already chosen and verified by the main process (workers)."""
+        self.engine, self.reference, self.backend_reason = choose_backend(
+            name, self.tok, texts=[], parallel=self.spec.parallel)
+        self._markup_cache.clear()
+
+    def backend_info(self) -> dict:
+        """For stats.json and the manifest: which engine, why, and the cross-check."""
+        checking = self.engine is not None and self.engine is not self.reference
+        return {"name": self.engine.name if self.engine else None, "reason": self.backend_reason,
+                "reference": self.reference.name if self.reference else None,
+                "cross_check": (f"1 in {self.spec.cross_check_every} rows re-encoded with "
+                                f"{self.reference.name}" if checking and self.spec.cross_check_every
+                                else "off (the engine is the reference)" if not checking
+                                else "off")}
+
     # -- public -----------------------------------------------------------------------------------
     def encode_rows(self, rows: list[Any]) -> list[Encoded]:
         """Encode a batch; the result has one `Encoded` per row, in order."""
-        seg_rows, out = self._segments(rows)
-        token_lists = self._tokenize(seg_rows)
-        todo = [k for k in range(len(rows)) if out[k] is None]
-        for k, enc in zip(todo, self._assemble_batch([seg_rows[k] for k in todo],
-                                                     [token_lists[k] for k in todo])):
-            out[k] = enc
-        return out
+        return self.encode_batch(rows).rows()
+
+    def encode_batch(self, rows: list[Any], row_ids: Any = None) -> EncodedBatch:
+        """Encode a batch into flat arrays. `row_ids` (the plugin's row numbers; default the
+        positions) choose the cross-checked sample and name a failing row."""
+        if self.engine is None:
+            self.select_backend(rows)
+        seg_rows, invalid = self._segments(rows)
+        raw, mask = self._assemble(seg_rows, self.engine)
+        self._cross_check(seg_rows, invalid, raw, mask, row_ids)
+        lens = raw.lengths()
+        changed: dict = {}
+        if self.template is not None:
+            for k in np.flatnonzero(lens > self.spec.max_length).tolist():
+                if k in invalid:
+                    continue
+                ids, m = raw.row(k), mask[raw.offsets[k]:raw.offsets[k + 1]]
+                t_ids, t_mask, status = truncate(ids, m, max_length=self.spec.max_length,
+                                                 mode=self.spec.truncation,
+                                                 keep_prefix=len(self.prefix))
+                changed[k] = Encoded(t_ids, t_mask, status, len(ids))
+        return EncodedBatch(raw.flat, raw.offsets, mask, lens, changed, invalid)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of the prompt for generating the next assistant turn, exactly as the encoder
@@ -108,125 +242,128 @@ class SampleEncoder:
         """
         if self.template is None:
             raise TemplateError("pretrain datasets have no prompt format; pass raw text instead")
+        engine = self.engine or reference_encoder(self.tok)   # one prompt: exactness, not speed
         if hasattr(self.template, "prompt_segments"):   # chat templates render the prompt itself
-            token_lists = self._tokenize([self.template.prompt_segments(messages)])[0]
-            return list(self.prefix) + [t for toks in token_lists for t in toks]
+            raw, _ = self._assemble([self.template.prompt_segments(messages)], engine)
+            return raw.row(0).tolist()
         # Render with a placeholder answer, then keep every segment up to the last untrained
         # one: the history plus the generation prompt.
         placeholder = [{"role": "assistant", "content": "Placeholder answer."}]
         segs = render(self.template, list(messages) + placeholder)
         last_prompt = max((k for k, seg in enumerate(segs) if not seg[2]), default=-1)
         prompt_segs = segs[:last_prompt + 1]
-        token_lists = self._tokenize([prompt_segs])[0]
-        return list(self.prefix) + [t for toks in token_lists for t in toks]
+        raw, _ = self._assemble([prompt_segs], engine)
+        return raw.row(0).tolist()
 
     # -- steps ------------------------------------------------------------------------------------
-    def _segments(self, rows: list[Any]) -> tuple[list[list], list[Encoded | None]]:
-        seg_rows, out = [], []
-        for row in rows:
-            if self.template is None:
-                seg_rows.append([("text", row, True), ("ids", self.end_ids, True)])
-                out.append(None)
-                continue
+    def _segments(self, rows: list[Any]) -> tuple[list[list], dict[int, str]]:
+        """Each row's segments (see templates.py); rows the template rejects -> `invalid`."""
+        if self.template is None:
+            return [[("text", row, True), ("ids", self.end_ids, True)] for row in rows], {}
+        seg_rows, invalid = [], {}
+        for k, row in enumerate(rows):
             try:
                 seg_rows.append(render(self.template, row))
-                out.append(None)
             except TemplateError as e:
                 seg_rows.append([])
-                out.append(Encoded(None, None, "invalid", 0, str(e)))
-        return seg_rows, out
+                invalid[k] = str(e)
+        return seg_rows, invalid
 
-    def _tokenize(self, seg_rows: list[list]) -> list[list[list[int]]]:
-        """Token ids of every segment; text and markup each go through one batched call."""
-        by_kind: dict[str, list[str]] = {"text": [], "markup": []}
+    def _assemble(self, seg_rows: list[list], engine: Any) -> tuple[Ragged, np.ndarray | None]:
+        """Rows' segments -> (ids as Ragged, loss mask flat or None for pretrain). All data
+        texts of the batch go through one engine call, all template markup through one more
+        (cached), and the rows are gathered from those flat arrays with numpy offsets."""
+        if self.template is None:   # pretrain: [prefix] + text + EOS, every token trained
+            texts = [segs[0][1] for segs in seg_rows]
+            return _wrap_rows(self._encode_texts(texts, engine, guard=True), self.prefix,
+                              self.end_ids), None
+        texts, markups, literals = [], [], [list(self.prefix)]
+        kinds, index, trained, pieces_per_row = [], [], [], []
         for segs in seg_rows:
-            for kind, value, _ in segs:
-                if kind != "ids":
-                    by_kind[kind].append(value)
-        encoded = {kind: iter(self._encode_texts(texts, guard=(kind == "text")))
-                   for kind, texts in by_kind.items()}
-        return [[value if kind == "ids" else next(encoded[kind]) for kind, value, _ in segs]
-                for segs in seg_rows]
+            n0 = len(kinds)
+            if segs:
+                kinds.append(2), index.append(0), trained.append(False)   # the BOS prefix
+            for kind, value, flag in segs:
+                if kind == "text":
+                    kinds.append(0), index.append(len(texts))
+                    texts.append(value)
+                elif kind == "markup":
+                    kinds.append(1), index.append(len(markups))
+                    markups.append(value)
+                else:
+                    kinds.append(2), index.append(len(literals))
+                    literals.append(value)
+                trained.append(flag)
+            pieces_per_row.append(len(kinds) - n0)
+        parts = [self._encode_texts(texts, engine, guard=True),
+                 self._encode_markup(markups, engine), Ragged.from_lists(literals)]
+        source = np.concatenate([p.flat for p in parts])
+        bases = np.cumsum([0] + [len(p.flat) for p in parts[:-1]])
+        kinds_a, index_a = np.array(kinds, dtype=np.int64), np.array(index, dtype=np.int64)
+        start = np.zeros(len(kinds), dtype=np.int64)
+        length = np.zeros(len(kinds), dtype=np.int64)
+        for k, part in enumerate(parts):
+            sel = kinds_a == k
+            start[sel] = bases[k] + part.offsets[index_a[sel]]
+            length[sel] = part.lengths()[index_a[sel]]
+        out_off = np.zeros(len(kinds) + 1, dtype=np.int64)
+        np.cumsum(length, out=out_off[1:])
+        gather = np.repeat(start - out_off[:-1], length) + np.arange(out_off[-1], dtype=np.int64)
+        ids = source[gather]
+        mask = np.repeat(np.array(trained, dtype=bool), length)
+        row_pieces = np.zeros(len(seg_rows) + 1, dtype=np.int64)
+        np.cumsum(pieces_per_row, out=row_pieces[1:])
+        return Ragged(ids, out_off[row_pieces]), mask
 
-    def _encode_texts(self, texts: list[str], *, guard: bool) -> list[list[int]]:
-        """Batched encoding with add_special_tokens=False. With `guard`, a text that would yield a
-        control token (e.g. a literal "</s>" in HTML) is re-encoded with special tokens split, so
-        data can never inject BOS/EOS/end-of-turn."""
-        if not texts:
-            return []
-        ids = self._fast_encode(texts, split_special=False)
-        if guard:
-            control = self.control_ids
-            for k, row in enumerate(ids):
-                if not control.isdisjoint(row):
-                    ids[k] = self._fast_encode([texts[k]], split_special=True)[0]
-        return ids
+    def _encode_texts(self, texts: list[str], engine: Any, *, guard: bool) -> Ragged:
+        """One engine call, add_special_tokens=False. With `guard`, a text that would yield a
+        control token (e.g. a literal "</s>" in HTML) is re-encoded with special tokens split,
+        so data can never inject BOS/EOS/end-of-turn."""
+        r = engine.encode(texts) if texts else Ragged.from_lists([])
+        if guard and len(r.flat) and len(self._control_arr):
+            hits = np.flatnonzero(np.isin(r.flat, self._control_arr))
+            if len(hits):
+                bad = np.unique(np.searchsorted(r.offsets, hits, side="right") - 1).tolist()
+                split = engine.encode_split([texts[k] for k in bad])
+                r = r.replace_rows(dict(zip(bad, split)))
+        return r
 
-    def _fast_encode(self, texts: list[str], *, split_special: bool) -> list[list[int]]:
-        """The tokenizers-library batch call when available: `encode_batch_fast` skips the
-        character offsets (qa/llama2: 0.51 s vs 0.74 s `encode_batch` vs 0.81 s `tokenizer(batch)`,
-        same ids, checked at start-up). The backend's `encode_special_tokens` flag is sticky, so
-        it is set on every call."""
-        backend = self._backend
-        if backend is None:
-            return self.tok(texts, add_special_tokens=False,
-                            split_special_tokens=split_special)["input_ids"]
-        backend.encode_special_tokens = split_special
-        try:
-            return [e.ids for e in self._batch_call(texts, add_special_tokens=False)]
-        finally:
-            backend.encode_special_tokens = False
+    def _encode_markup(self, markups: list[str], engine: Any) -> Ragged:
+        """Template markup (chat-template glue such as "<|im_start|>user\n") repeats across rows:
+        each distinct string is tokenized once per run (cache bounded at 100k strings)."""
+        if not markups:
+            return Ragged.from_lists([])
+        cache = self._markup_cache if engine is self.engine else {}
+        missing = [m for m in dict.fromkeys(markups) if m not in cache]
+        if missing:
+            if len(cache) + len(missing) > MARKUP_CACHE_SIZE:
+                cache.clear()
+            new = engine.encode(missing)
+            for m, k in zip(missing, range(len(missing))):
+                cache[m] = new.row(k)
+        arrays = [cache[m] for m in markups]
+        lens = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        return Ragged(np.concatenate(arrays).astype(np.int64, copy=False), offsets)
 
-    def _pick_backend(self) -> Any:
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_special_tokens"):
-            return None
-        # encode_batch_fast: tokenizers >= 0.21
-        self._batch_call = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        probe = ["Hello  world\n\n  x", " leading space", "中文 text </s> <|im_end|>", "a"]
-        for split in (False, True):
-            backend.encode_special_tokens = split
-            fast = [e.ids for e in self._batch_call(probe, add_special_tokens=False)]
-            backend.encode_special_tokens = False
-            slow = self.tok(probe, add_special_tokens=False, split_special_tokens=split)
-            if fast != slow["input_ids"]:
-                return None
-        return backend
-
-    def _assemble_batch(self, seg_rows: list[list], token_lists: list[list[list[int]]]
-                        ) -> list[Encoded]:
-        """Rows' pieces -> ids (+ loss masks), one numpy conversion per batch: the whole batch's
-        ids are one flat list -> one array, split into per-row views; the mask is one np.repeat
-        of the segments' flags. (Per-row conversions cost ~50 µs a row, as much as llama2 takes
-        to tokenize a short alpaca row.)"""
-        if not seg_rows:
-            return []
-        prefix = list(self.prefix)
-        flat: list[int] = []
-        row_lens, seg_lens, seg_flags = [], [], []
-        for segs, toks in zip(seg_rows, token_lists):
-            start = len(flat)
-            flat += prefix
-            for t in toks:
-                flat += t
-            row_lens.append(len(flat) - start)
-            seg_lens.append(len(prefix))
-            seg_flags.append(False)
-            seg_lens += [len(t) for t in toks]
-            seg_flags += [seg[2] for seg in segs]
-        cuts = np.cumsum(row_lens)[:-1]
-        ids_rows = np.split(np.array(flat, dtype=np.int64), cuts)
-        if self.template is None:       # pretrain: every token trained, no mask array
-            return [Encoded(ids, None, "ok", len(ids)) for ids in ids_rows]
-        mask_rows = np.split(np.repeat(np.array(seg_flags, dtype=bool),
-                                       np.array(seg_lens, dtype=np.int64)), cuts)
-        out = []
-        for ids, mask in zip(ids_rows, mask_rows):
-            t_ids, t_mask, status = truncate(ids, mask, max_length=self.spec.max_length,
-                                             mode=self.spec.truncation,
-                                             keep_prefix=len(prefix))
-            out.append(Encoded(t_ids, t_mask, status, len(ids)))
-        return out
+    def _cross_check(self, seg_rows: list[list], invalid: dict, raw: Ragged,
+                     mask: np.ndarray | None, row_ids: Any) -> None:
+        """Re-encode the sampled rows with the reference; stop on any difference."""
+        every = self.spec.cross_check_every
+        if not every or self.engine is self.reference:
+            return
+        ids = np.arange(len(seg_rows)) if row_ids is None else np.asarray(row_ids)
+        picked = [k for k in cross_check_sampled(ids, every).tolist() if k not in invalid]
+        if not picked:
+            return
+        ref, _ = self._assemble([seg_rows[k] for k in picked], self.reference)
+        for j, k in enumerate(picked):
+            mine, theirs = raw.row(k), ref.row(j)
+            if not np.array_equal(mine, theirs):
+                raise CrossCheckError(int(ids[k]), self.engine.name, mine.tolist(),
+                                      self.reference.name, theirs.tolist())
+        self.cross_checked += len(picked)
 
     def describe(self) -> dict:
         """The special-token policy and template, for the manifest metadata."""

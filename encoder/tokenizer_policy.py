@@ -12,11 +12,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from encoder.backends import TOKENIZER_BACKENDS
 from encoder.json_tokenizer import JsonTokenizer, light_load_problem
 from shardfmt import dtype_max_id, smallest_dtype_for
 
 SAVE_DTYPES = ("auto", "uint16", "int16", "int32")
-TOKENIZER_BACKENDS = ("auto", "transformers")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,11 @@ def load_tokenizer(path: str, *, add_tokens: list[str] | None = None, backend: s
                    chat_template: bool = False) -> Any:
     """The tokenizer at `path`, then `add_tokens` added as special tokens.
 
-    backend "auto": a `JsonTokenizer` (tokenizers library only, ~1 s) where it is known to equal
-    transformers' tokenizer (`light_load_problem` is None), else `AutoTokenizer.from_pretrained`
-    offline (~8 s: imports torch). "transformers": always the latter. `chat_template`: the caller
+    backend "auto"/"gigatoken"/"tokenizers": a `JsonTokenizer` (tokenizers library only, ~1 s)
+    where it is known to equal transformers' tokenizer (`light_load_problem` is None), else
+    `AutoTokenizer.from_pretrained(path, local_files_only=True)` (~8 s: imports torch).
+    "transformers": always the latter. (Which engine then encodes: encoder/backends.py.)
+    The process environment is left alone (no HF_HUB_OFFLINE): `path` is a local directory. `chat_template`: the caller
     renders the tokenizer's jinja chat template (transformers only).
     Tokens the tokenizer already knows as single tokens are not added twice; the existing
     additional special tokens are kept (the original tool replaced them).
@@ -57,16 +59,15 @@ def load_tokenizer(path: str, *, add_tokens: list[str] | None = None, backend: s
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--tokenizer_path {path}: no such directory (expected a Hugging "
                                 f"Face tokenizer dir with tokenizer.json / tokenizer_config.json)")
-    if backend == "auto" and light_load_problem(path, needs_chat_template=chat_template,
+    if backend != "transformers" and light_load_problem(path, needs_chat_template=chat_template,
                                                 add_tokens=add_tokens) is None:
         try:
             return JsonTokenizer(path)
         except ValueError:
             pass  # e.g. a special token missing from tokenizer.json: let transformers decide
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer  # heavy import (torch), kept local
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     new = [t for t in add_tokens or [] if t not in tok.get_vocab()]
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, **_keep_existing_kw(tok))

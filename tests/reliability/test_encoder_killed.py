@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,12 @@ OVERWRITE_POINT = ({"RELI_BLOCK_ROW": "1100"}, ("--overwrite",),
 ALL_POINTS = {**POINTS, "overwrite_of_complete_dataset_row_1100": OVERWRITE_POINT}
 
 
+def settle(directory: Path, reached, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not reached(listing(directory)) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def killed(baseline_dir, hermetic_tokenizer_dir, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Start one encoder per kill point, all at once (their start-up dominates), wait until each
@@ -107,6 +114,9 @@ def killed(baseline_dir, hermetic_tokenizer_dir, tmp_path_factory) -> dict[str, 
         for point, (out, proc) in procs.items():
             mark = root / f"{point}.mark"
             wait_for(mark, proc)
+            # the plugin runs in a reader thread ahead of the writer: a block in the plugin is
+            # reached before the writer has caught up, so wait (bounded) for the state on disk
+            settle(out / CORPUS, ALL_POINTS[point][2])
             kill_group(proc)
             assert proc.returncode == -9, point  # SIGKILL, not a clean exit
             result[point] = (out, mark.read_text())

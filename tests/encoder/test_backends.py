@@ -1,0 +1,265 @@
+"""--tokenizer_backend: auto's choice and its reasons, the sampled cross-check, the control-token
+guard on every engine, and byte-identical shards for every engine on the real tokenizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import encoder.backends as backends
+import encoder.main as encoder_main
+from encoder.backends import CALIBRATION_TEXTS, Ragged
+from encoder.sample_encoder import EncoderSpec, SampleEncoder, cross_check_sampled
+from encoder_testlib import real_tokenizer, shared_data, shared_tokenizer_path
+
+ENGINES = ("gigatoken", "tokenizers", "transformers")
+# data text that spells control / special tokens of the tokenizers below
+CONTROL_TEXTS = ["a literal </s> in html <s> and <unk>", "chatml <|im_end|> and <|im_start|>user",
+                 "llama3 <|eot_id|><|begin_of_text|><|end_of_text|>", "gpt <|endoftext|> end",
+                 "[INST] <<SYS>> fake [/INST]"]
+# name -> (qa template, chat template) for the five tokenizers of ../shared/README.md's table
+# with distinct BOS/EOS conventions (chinese-llama2-alpaca2 is llama2's pipeline + vocabulary)
+TEMPLATES = {"llama2": ("alpaca", "llama2"), "gpt2": ("alpaca", "alpaca"),
+             "qwen3": ("chatml", "chat"), "internlm": ("alpaca", "llama2"),
+             "llama3": ("alpaca", "alpaca")}
+
+
+# -- fixtures: tokenizers and gigatoken objects are loaded once per session ----------------------
+_TOKS: dict = {}
+_GIGA: dict = {}
+
+
+@pytest.fixture
+def cached_loads(monkeypatch):
+    """main() loads its tokenizer (and gigatoken builds its own) once per session, not per run:
+    the runs below differ only in the engine, which is what the test is about."""
+    real_load = encoder_main.load_spec_tokenizer
+
+    def load(spec):
+        if spec.tokenizer_backend == "transformers" or (spec.encode_type != "pretrain"
+                                                        and spec.template == "chat"):
+            return real_tokenizer(Path(spec.tokenizer_path).name)   # AutoTokenizer, shared
+        if spec.tokenizer_path not in _TOKS:
+            _TOKS[spec.tokenizer_path] = real_load(spec)
+        return _TOKS[spec.tokenizer_path]
+
+    real_init = backends.GigatokenEncoder.__init__
+
+    def init(self, tok, **kw):
+        if id(tok) not in _GIGA:
+            real_init(self, tok, **kw)
+            _GIGA[id(tok)] = (tok, self._gt)
+        else:
+            self._gt, self._split_with = _GIGA[id(tok)][1], kw["split_with"]
+            self.parallel = kw.get("parallel", True)
+
+    monkeypatch.setattr(encoder_main, "load_spec_tokenizer", load)
+    monkeypatch.setattr(backends.GigatokenEncoder, "__init__", init)
+
+
+def data_rows(encode_type: str) -> list:
+    """Real data from ../shared (English, Chinese, web text) plus rows spelling control tokens."""
+    if encode_type == "pretrain":
+        with open(shared_data("c4_demo.jsonl"), encoding="utf-8") as f:
+            docs = [json.loads(line)["text"] for _, line in zip(range(25), f)]
+        with open(shared_data("zh_xiyouji.txt"), encoding="utf-8") as f:
+            docs += [p for p in f.read(20000).split("\n") if p.strip()][:25]
+        return docs + CONTROL_TEXTS + ["  spaces\t\ttabs\r\n", "😀👨\u200d👩\u200d👧 e\u0301"]
+    with open(shared_data("alpaca_en_demo.json"), encoding="utf-8") as f:
+        en = json.load(f)[:20]
+    with open(shared_data("alpaca_zh_demo.json"), encoding="utf-8") as f:
+        zh = json.load(f)[:20]
+    qa = [{"q": (r["instruction"] + "\n" + r["input"]).strip(), "a": r["output"]} for r in en + zh]
+    qa += [{"q": f"What does {t} mean?", "a": f"It is text: {t}"} for t in CONTROL_TEXTS]
+    if encode_type == "qa":
+        return qa
+    return [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": r["q"]},
+                          {"role": "assistant", "content": r["a"]},
+                          {"role": "user", "content": "And again?"},
+                          {"role": "assistant", "content": r["a"][:40] or "ok"}]} for r in qa]
+
+
+def encode(run_cli, write_plugin, out: Path, name: str, encode_type: str, *flags: str
+           ) -> tuple[int, str, str]:
+    template = () if encode_type == "pretrain" else \
+        ("--template", TEMPLATES[name][0 if encode_type == "qa" else 1])
+    return run_cli("--tokenizer_path", shared_tokenizer_path(name), "--data_loader_path",
+                   write_plugin(data_rows(encode_type), name=f"{encode_type}_rows.py"),
+                   "--encode_type", encode_type, "--max_length", "512", *template, *flags,
+                   out=out)
+
+
+# -- byte-identical shards -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_engine_writes_identical_shards(name, run_cli, write_plugin, tmp_path, cached_loads):
+    for encode_type in ("pretrain", "qa", "chat"):
+        merge = ("--merge_data",) if encode_type != "pretrain" else ()
+        files = {}
+        for engine in ENGINES:
+            out = tmp_path / encode_type / engine
+            code, _, err = encode(run_cli, write_plugin, out, name, encode_type, *merge,
+                                  "--tokenizer_backend", engine, "--cross_check_every", "1")
+            assert code == 0, err
+            stats = json.loads((out / "c" / "stats.json").read_text())
+            assert stats.pop("tokenizer_backend")["name"] == engine
+            files[engine] = {p.name: p.read_bytes() for p in sorted((out / "c").iterdir())
+                             if p.suffix in (".bin", ".idx")}
+            files[engine]["stats"] = stats
+        assert files["gigatoken"] == files["tokenizers"] == files["transformers"], \
+            (name, encode_type)
+        assert any(k.endswith(".bin") for k in files["gigatoken"])
+
+
+# -- control-token text never becomes a control token, on every engine ---------------------------
+@pytest.mark.parametrize("name", ["qwen3", "llama2", "llama3"])
+def test_special_token_text_stays_text_on_every_engine(name):
+    tok = real_tokenizer(name)
+    rows = [[{"role": "user", "content": t}, {"role": "assistant", "content": t + " " + u}]
+            for t in CONTROL_TEXTS for u in CONTROL_TEXTS[:2]]
+    results = {}
+    for engine in ENGINES:
+        spec = EncoderSpec(shared_tokenizer_path(name), "qa", 4096, template="none",
+                           tokenizer_backend=engine, cross_check_every=1)
+        enc = SampleEncoder(spec, tokenizer=tok)
+        out = enc.encode_rows(rows)
+        assert enc.engine.name == engine
+        control = np.array(sorted(enc.control_ids))
+        for e in out:   # control ids only where the encoder puts them: BOS first, EOS last
+            inner = e.ids[len(enc.prefix):-1]
+            assert not np.isin(inner, control).any(), (engine, e.ids.tolist())
+            assert e.ids[-1] == enc.end_ids[0]
+        results[engine] = [e.ids.tolist() for e in out]
+    assert results["gigatoken"] == results["tokenizers"] == results["transformers"]
+
+
+# -- auto: the choice and its reason ---------------------------------------------------------------
+def test_auto_takes_gigatoken_and_says_why(run_cli, write_plugin, tmp_path, cached_loads):
+    code, out, err = encode(run_cli, write_plugin, tmp_path / "o", "llama2", "pretrain")
+    assert code == 0, err
+    info = json.loads((tmp_path / "o" / "c" / "stats.json").read_text())["tokenizer_backend"]
+    assert info["name"] == "gigatoken" and info["reference"] == "tokenizers"
+    assert f"{len(CALIBRATION_TEXTS)} calibration strings" in info["reason"]
+    assert "first batch" in info["reason"]
+    assert "tokenizer backend gigatoken (ids equal to tokenizers" in out   # the summary line
+    manifest = json.loads((tmp_path / "o" / "c" / "manifest.json").read_text())
+    assert manifest["metadata"]["encoder"]["tokenizer_backend"]["name"] == "gigatoken"
+
+
+def corrupt(marker: str):
+    """A GigatokenEncoder.encode that gives a wrong id for any text containing `marker`."""
+    real = backends.GigatokenEncoder.encode
+
+    def encode(self, texts):
+        r = real(self, texts)
+        bad = [k for k, t in enumerate(texts) if marker in t and r.offsets[k + 1] > r.offsets[k]]
+        if not bad:
+            return r
+        flat = r.flat.copy()
+        flat[r.offsets[bad]] = (flat[r.offsets[bad]] + 1) % 1000
+        return Ragged(flat, r.offsets)
+    return encode
+
+
+def test_auto_falls_back_when_first_batch_differs(run_cli, write_plugin, tmp_path, cached_loads,
+                                                  monkeypatch):
+    monkeypatch.setattr(backends.GigatokenEncoder, "encode", corrupt("Xiyouji"))
+    rows = ["Journey to the West (Xiyouji) is a novel."] + data_rows("pretrain")
+    code, out, err = run_cli("--tokenizer_path", shared_tokenizer_path("llama2"),
+                             "--data_loader_path", write_plugin(rows), "--encode_type",
+                             "pretrain", "--max_length", "256", out=tmp_path / "o")
+    assert code == 0, err
+    info = json.loads((tmp_path / "o" / "c" / "stats.json").read_text())["tokenizer_backend"]
+    assert info["name"] == "tokenizers"
+    assert "gigatoken not used" in info["reason"] and "Xiyouji" in info["reason"]
+    assert "tokenizer backend tokenizers (gigatoken not used" in out
+
+
+def test_auto_falls_back_when_gigatoken_cannot_load(run_cli, write_plugin, tmp_path,
+                                                    cached_loads, monkeypatch):
+    def broken(self, *a, **k):
+        raise RuntimeError("unsupported model type")
+    monkeypatch.setattr(backends.GigatokenEncoder, "__init__", broken)
+    code, out, err = encode(run_cli, write_plugin, tmp_path / "o", "gpt2", "qa")
+    assert code == 0, err
+    assert "gigatoken could not load the tokenizer: RuntimeError: unsupported model type" in out
+    # forced, it is an error naming the fix (exit 2), and nothing is written
+    code, _, err = encode(run_cli, write_plugin, tmp_path / "f", "gpt2", "qa",
+                          "--tokenizer_backend", "gigatoken")
+    assert code == 2 and "--tokenizer_backend tokenizers" in err
+    assert not (tmp_path / "f" / "c" / "manifest.json").exists()
+
+
+# -- the sampled cross-check -----------------------------------------------------------------------
+def test_cross_check_sample_is_deterministic_and_sparse():
+    rows = np.arange(200_000)
+    picked = cross_check_sampled(rows, 1000)
+    assert 150 <= len(picked) <= 250 and picked[0] == 0
+    assert picked.tolist() == cross_check_sampled(rows, 1000).tolist()
+    assert len(cross_check_sampled(rows, 0)) == 0
+
+
+def test_injected_mismatch_stops_the_run_cleanly(run_cli, write_plugin, tmp_path, cached_loads,
+                                                 monkeypatch):
+    """A row past the first (calibration) batch that gigatoken gets wrong: the run stops with
+    exit 1, the row number and both id lists, and leaves no manifest (nothing looks complete)."""
+    monkeypatch.setattr(backends.GigatokenEncoder, "encode", corrupt("INJECTED"))
+    monkeypatch.setattr("encoder.pipeline.BATCH_ROWS", 2)   # x8 for pretrain: 16-row batches
+    rows = [f"plain document number {i}." for i in range(100)]
+    rows[70] = "this row is INJECTED with a wrong id"
+    code, _, err = run_cli("--tokenizer_path", shared_tokenizer_path("llama2"),
+                           "--data_loader_path", write_plugin(rows), "--encode_type", "pretrain",
+                           "--max_length", "64", "--cross_check_every", "1",
+                           out=tmp_path / "o")
+    assert code == 1
+    assert "cross-check failed at row 70" in err
+    tok = real_tokenizer("llama2")
+    good = [1] + tok(rows[70], add_special_tokens=False)["input_ids"] + [2]
+    assert f"tokenizers ids: {good}" in err
+    bad = list(good)
+    bad[1] = (bad[1] + 1) % 1000
+    assert f"gigatoken ids: {bad}" in err
+    assert not (tmp_path / "o" / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "o").rglob("*.bin"))
+
+
+# -- EncodeArgs / validate_args --------------------------------------------------------------------
+def test_validate_args_reports_every_problem_and_mutates_nothing(run_cli):
+    from encoder.cli import EncodeArgs, build_parser, validate_args
+    ns = build_parser().parse_args(["--tokenizer_path", "t", "--data_loader_path", "p.py",
+                                    "--encode_type", "chat", "--max_length", "0",
+                                    "--num_workers", "0", "--cross_check_every", "-1",
+                                    "--part", "2/2"])
+    args = EncodeArgs.from_namespace(ns)
+    assert ns.template is None and args.template == "chat"     # resolved in a copy
+    problems = validate_args(args)
+    assert [p.split()[0] for p in problems] == ["--output_path", "--max_length", "--num_workers",
+                                                "--cross_check_every", "--part"]
+    code, _, err = run_cli("--tokenizer_path", "t", "--data_loader_path", "p.py",
+                           "--encode_type", "qa", "--max_length", "0", "--num_workers", "0")
+    assert code == 2 and "2 problems" in err and "--num_workers 0" in err
+
+
+def test_worker_processes_reuse_the_choice(run_cli, write_plugin, hermetic_tokenizer_dir,
+                                           tmp_path, monkeypatch):
+    """tokenizers engine with 2 worker processes (each told the engine, not re-choosing) writes
+    the same shards as gigatoken in-process; the cross-check runs inside the workers too."""
+    monkeypatch.setattr("encoder.pipeline.BATCH_ROWS", 9)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")    # main() only sets it where unset
+    rows = [{"q": f"Question {i}: capital of France? </s>" + " fox" * (i % 7),
+             "a": "Paris." + " dog" * (i % 5)} for i in range(60)]
+    plugin = write_plugin(rows)
+    shards = []
+    for engine, workers in (("gigatoken", "1"), ("tokenizers", "2"), ("transformers", "2")):
+        out = tmp_path / engine
+        code, _, err = run_cli("--tokenizer_path", hermetic_tokenizer_dir, "--data_loader_path",
+                               plugin, "--encode_type", "qa", "--max_length", "128",
+                               "--tokenizer_backend", engine, "--num_workers", workers,
+                               "--cross_check_every", "1", out=out)
+        assert code == 0, err
+        shards.append([(out / "c" / n).read_bytes() for n in ("c_00000.bin", "c_00000.idx")])
+    assert shards[0] == shards[1] == shards[2]
