@@ -90,11 +90,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"FAIL {p}")
     if not problems:
-        parts = ds.parts if hasattr(ds, "parts") else [ds]
+        parts = _leaves(ds)
         checked = sorted({_VERIFIED[p.kind] for p in parts})
         print(f"OK {len(ds)} samples, {ds.num_tokens} tokens, {len(parts)} part(s): "
               + "; ".join(checked))
     return 1 if problems else 0
+
+
+def _leaves(ds: TokenDataset) -> list[TokenDataset]:
+    """The datasets inside concatenations (of concatenations), in order."""
+    return [leaf for part in ds.parts for leaf in _leaves(part)] if hasattr(ds, "parts") else [ds]
 
 
 _VERIFIED = {
