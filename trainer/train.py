@@ -307,6 +307,7 @@ class Trainer:
         for i, (name, size) in enumerate(zip(self.train_data.names, self.train_data.sizes)):
             loss_sum, count = self.source_window.get(name, (0.0, 0.0))
             out[f"loss/{name}"] = loss_sum / count if count else None
+            out[f"loss_tokens/{name}"] = int(count)
             out[f"samples_seen/{name}"] = self.state.source_samples[i]
             out[f"epoch/{name}"] = self.state.source_samples[i] / size
         self.source_window = {}
