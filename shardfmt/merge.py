@@ -27,7 +27,7 @@ def merge_datasets(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     """
     parts = [Path(p) for p in part_dirs]
     out = Path(out_dir)
-    ds = Dataset(parts)  # shardfmt directories only; validates every part (manifest present, sizes, headers)
+    ds = Dataset(parts)  # shardfmt directories only; checks manifests, sizes, headers
     first = ds.manifests[0]
     for path, m in zip(parts, ds.manifests):
         for key in _MUST_MATCH:
