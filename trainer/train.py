@@ -94,9 +94,13 @@ class Trainer:
                           if args.eval_data_path else None)
         self.train_ds = self.train_data.dataset
         self.eval_ds = self.eval_data.dataset if self.eval_data else None
-        manifests = self.train_ds.manifests + (self.eval_ds.manifests if self.eval_ds else [])
+        # (path, manifest) of every shardfmt source; Megatron data has no manifest (no tokenizer
+        # identity to check: only its id range is, against the embedding)
+        sources = self.train_data.sources + (self.eval_data.sources if self.eval_data else [])
+        described = [(p, m) for src in sources for p, m in zip(src.paths, src.manifests)]
+        manifests = [m for _, m in described]
         self.prompt_format = ckpt_mod.prompt_format_of(manifests)
-        data_paths = list(args.data_path) + list(args.eval_data_path)
+        data_paths = [p for p, _ in described]
 
         # ---- tokenizer (from the checkpoint on resume: it holds the added tokens)
         tok_src = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else args.model_path
