@@ -41,7 +41,7 @@ def sample_row(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     doc_lens = np.asarray(sample.doc_lens, dtype=np.int64)
     labels = np.where(np.asarray(sample.loss_mask, dtype=bool), ids, IGNORE_INDEX)
     starts = np.concatenate(([0], np.cumsum(doc_lens)[:-1])) if len(doc_lens) else np.zeros(0, np.int64)
-    labels[starts] = IGNORE_INDEX
+    labels[starts[starts < len(ids)]] = IGNORE_INDEX  # (an empty Megatron sequence has no first token)
     segment_ids = np.repeat(np.arange(len(doc_lens), dtype=np.int64), doc_lens)
     position_ids = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, doc_lens)
     return ids, labels, position_ids, segment_ids

@@ -38,10 +38,14 @@ def megatron_prefixes(assets, tmp_path_factory) -> dict:
     return out
 
 
-def _mix_args(assets, megatron_prefixes, out: Path, *extra: str) -> list[str]:
+def _mix_args(assets, megatron_prefixes, out: Path, *extra: str,
+              eval_weights: tuple[str, str] | None = None) -> list[str]:
+    evals = [str(assets["eval"]), str(megatron_prefixes["meval"])]
+    if eval_weights:
+        evals = [eval_weights[0], evals[0], eval_weights[1], evals[1]]
     return ["--model_path", str(assets["llama"]),
             "--data_path", "0.75", str(assets["train"]), "0.25", str(megatron_prefixes["mtrain"]),
-            "--eval_data_path", str(assets["eval"]), str(megatron_prefixes["meval"]),
+            "--eval_data_path", *evals,
             "--output_path", str(out), *COMMON, *STEPS4, "--micro_batch_size", "2",
             "--eval_steps", "2", *extra]
 
@@ -61,7 +65,7 @@ def mix_runs(assets, megatron_prefixes, tmp_path_factory) -> dict:
     resumed_out = tmp_path_factory.mktemp("mix_resumed")
     run_train(_mix_args(assets, megatron_prefixes, resumed_out, "--gradient_accumulation_steps",
                         "2", "--save_steps", "2", "--save_optimizer", "--load_ckpt_path",
-                        str(run / "checkpoints" / "step_2")))
+                        str(run / "checkpoints" / "step_2"), eval_weights=("1", "3")))
     return {"run": run, "resumed": only_run_dir(resumed_out)}
 
 
@@ -103,6 +107,12 @@ def test_weighted_mix_resumes_exactly(mix_runs):
     b = [h["loss"] for h in resumed["loss_history"]]
     assert b[:2] == a[:2] and np.allclose(b[2:], a[2:], rtol=0, atol=1e-6), (a, b)
     assert resumed["source_samples"] == full["source_samples"]
+    # the resumed run evaluated with weights `1 EVAL 3 MEVAL`: eval_loss is their weighted mean
+    last = [r for r in _log(mix_runs["resumed"]) if "eval_loss" in r][-1]
+    assert last["eval_loss"] == pytest.approx(0.25 * last["eval_loss/eval"]
+                                              + 0.75 * last["eval_loss/meval"], rel=1e-12)
+    same_model = [r for r in _log(mix_runs["run"]) if "eval_loss" in r][-1]
+    assert last["eval_loss/meval"] == pytest.approx(same_model["eval_loss/meval"], abs=1e-5)
 
 
 @pytest.mark.slow

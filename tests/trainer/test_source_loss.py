@@ -59,3 +59,13 @@ def test_per_source_sums_equal_each_source_alone(model, fused, flatten):
     assert np.allclose(sums.numpy(), want, rtol=1e-5, atol=1e-5), (sums, want)
     assert batch["source_samples"] == sources
     assert set(batch["source_ids"].unique().tolist()) <= {-1, 0, 1, 2}
+
+
+def test_empty_megatron_sequence_collates_to_nothing_trained():
+    """megatron-core writes empty sequences; each is one sample here, with no tokens to train."""
+    empty = Sample(np.zeros(0, np.uint16), np.zeros(0, bool), np.array([0], np.int32))
+    full = Sample(np.array([5, 6, 7], np.uint16), np.ones(3, bool), np.array([3], np.int32))
+    for flatten in (False, True):
+        b = collate([empty, full], pad_id=3, flatten=flatten, sources=[0, 1])
+        assert (b["labels"] != -100).sum() == 2 and b["num_tokens"] == 3
+        assert b["source_samples"] == [0, 1]
