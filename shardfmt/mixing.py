@@ -32,7 +32,9 @@ and a small source is repeated (up-sampled), a big one sub-sampled, each epoch r
 Everything is a function of (weights, sizes, B, seed, position): deterministic, independent of
 how many ranks read the stream, and resumable from the consumed-sample count alone. Cost: the
 per-source counts before block b are summed from block 0 in vectorised chunks, checkpointed every
-1024 blocks (a resume at step 1,000,000 with 10 sources sums ~10^7 counts: well under a second).
+1024 blocks. Measured (`python bench/sampler_scale.py`, 10 sources, global batch 64, one core):
+first batch after resuming at step 1,000,000 in ~0.3 s; then ~170k indices/s (GlobalSampler:
+~10M/s), i.e. ~25 ms per 4096 samples of a rank, on the DataLoader's side of the pipeline.
 """
 
 from __future__ import annotations
