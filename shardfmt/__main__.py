@@ -69,8 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for key, value in summary.items():
-            print(f"{key:>14}: {value}")
+        _print_summary(summary)
     if args.show:
         decode = _load_decoder(ds, args.tokenizer)
         for i in range(min(args.show, len(ds))):
@@ -79,6 +78,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"{int(s.loss_mask.sum())} trained ([[...]]) ---")
             print(render_sample(s.input_ids, s.loss_mask, s.doc_lens, decode))
     return 0
+
+
+def _print_summary(summary: dict, indent: int = 0) -> None:
+    """key: value lines; the parts of a concatenation indented below it."""
+    pad = " " * indent
+    for key, value in summary.items():
+        if key != "parts":
+            print(f"{pad}{key:>14}: {value}")
+    for k, part in enumerate(summary.get("parts", [])):
+        print(f"{pad}{'part ' + str(k):>14}:")
+        _print_summary(part, indent + 4)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
