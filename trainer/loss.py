@@ -115,9 +115,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 def _add_group_sums(group_sums: torch.Tensor, losses: torch.Tensor, groups: torch.Tensor) -> None:
     """group_sums[g] += sum of `losses` whose group is g (groups < 0 are skipped)."""
-    keep = groups >= 0
-    group_sums.index_add_(0, groups[keep].to(group_sums.device),
-                          losses.detach()[keep].to(group_sums.dtype))
+    keep = groups.to(losses.device) >= 0
+    group_sums.index_add_(0, groups.to(losses.device)[keep].to(group_sums.device),
+                          losses.detach()[keep].to(device=group_sums.device,
+                                                    dtype=group_sums.dtype))
 
 
 def fused_head_problem(model: torch.nn.Module, *, zero3: bool = False) -> str | None:
