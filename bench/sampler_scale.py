@@ -1,4 +1,5 @@
-"""Sampler scale: memory and time to the first batch for 1e6 / 1e8 / 1e9 samples, and on resume.
+"""Sampler scale: memory and time to the first batch for 1e6 / 1e8 / 1e9 samples, and on resume;
+then the weighted mix (`--data_path 0.7 A 0.3 B`, BlendedSampler): resume cost and throughput.
 
     .venv/bin/python bench/sampler_scale.py
 
@@ -20,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardfmt import GlobalSampler  # noqa: E402
+from shardfmt.mixing import BlendedSampler  # noqa: E402
 
 BATCH = 4096      # indices a rank asks for at once
 WORLD = 8
@@ -61,6 +63,27 @@ def main() -> None:
               f"{statistics.median(f[1] for f in fresh) / 1024:.0f} KiB | "
               f"{statistics.median(r[0] for r in resumed) * 1e3:.2f} ms | "
               f"{statistics.median(r[1] for r in resumed) / 1024:.0f} KiB | {mat} |")
+    blended()
+
+
+def blended() -> None:
+    """A resumed mix sums the per-source counts of every earlier block (checkpointed every 1024
+    blocks): the cost of the first batch grows with the steps already done."""
+    sizes, weights, block = [10**7] * 10, [0.1] * 10, 64  # 10 sources, global batch 64
+    print(f"\nweighted mix: {len(sizes)} sources, global batch {block}; first batch = {BATCH} "
+          f"indices for rank 0 of {WORLD}\n")
+    print("| resumed at step | first batch: time | then: indices/s |\n|---|---|---|")
+    for steps in (0, 10**4, 10**6):
+        t0 = time.perf_counter()
+        sampler = BlendedSampler(sizes, weights, block=block, seed=1)
+        it = sampler.iter_rank(steps * block, 0, WORLD, block=BATCH)
+        next(it)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(5):
+            next(it)
+        rate = 5 * BATCH / (time.perf_counter() - t0)
+        print(f"| {steps:,} | {first * 1e3:.0f} ms | {rate:,.0f} |")
 
 
 if __name__ == "__main__":

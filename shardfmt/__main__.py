@@ -4,6 +4,9 @@
     python -m shardfmt verify out/corpus            # exit 0 = intact, 1 = problems (listed)
     python -m shardfmt export-megatron out/corpus megatron/corpus_text_document
     python -m shardfmt merge part0/corpus part1/corpus all/corpus
+
+Wherever a dataset is expected, a Megatron-LM prefix (PREFIX for PREFIX.bin/.idx) or a directory
+of Megatron .bin/.idx pairs works too (merge excepted: it joins encoder --part outputs).
 """
 
 from __future__ import annotations
@@ -15,34 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shardfmt.reader import CorruptShardError, Dataset, IncompleteDatasetError, open_dataset
+from shardfmt.errors import ShardfmtError
+from shardfmt.protocol import TokenDataset
+from shardfmt.sources import open_dataset
 
 
-def dataset_summary(ds: Dataset) -> dict:
-    """Counts, length percentiles and loss fraction of a dataset (reads offsets, not tokens)."""
-    lengths = ds.sample_lengths()
-    loss_tokens = sum(s.entry["loss_tokens"] for s in ds.shards())
-    m = ds.manifest
-    pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} if len(lengths) else {}
-    return {
-        "directories": [str(d) for d in ds.directories],
-        "encode_type": m["encode_type"],
-        "dtype": str(ds.dtype),
-        "max_length": m["max_length"],
-        "packing": m["packing"],
-        "shards": ds.num_shards,
-        "samples": len(ds),
-        "docs": sum(s.header.num_docs for s in ds.shards()),
-        "tokens": ds.num_tokens,
-        "loss_tokens": loss_tokens,
-        "loss_fraction": round(loss_tokens / max(ds.num_tokens, 1), 4),
-        "fill": round(ds.num_tokens / max(len(ds) * m["max_length"], 1), 4),
-        "max_token_id": ds.max_token_id,
-        "length": {"min": int(lengths.min()) if len(lengths) else 0, **pct,
-                   "max": int(lengths.max()) if len(lengths) else 0},
-        "tokenizer": {k: m["tokenizer"].get(k) for k in ("path", "class", "len", "bos_id",
-                                                         "eos_id", "pad_id")},
-    }
+def dataset_summary(ds: TokenDataset) -> dict:
+    """Counts, length percentiles (and loss fraction where known) of any dataset kind."""
+    return ds.summary()
 
 
 def render_sample(ids: np.ndarray, mask: np.ndarray, doc_lens: np.ndarray, decode) -> str:
@@ -67,9 +50,11 @@ def _mark(text: str, trained: bool) -> str:
     return f"[[{text}]]" if trained else text
 
 
-def _load_decoder(ds: Dataset, tokenizer_path: str | None):
+def _load_decoder(ds: TokenDataset, tokenizer_path: str | None):
+    manifests = ds.manifests
     candidates = [tokenizer_path] if tokenizer_path else [
-        str(ds.directories[0] / "tokenizer"), ds.manifest["tokenizer"].get("path")]
+        str(Path(ds.paths[0]) / "tokenizer"),
+        manifests[0]["tokenizer"].get("path") if manifests else None]
     for path in filter(None, candidates):
         if Path(path).exists():
             from transformers import AutoTokenizer  # optional: only for --show
@@ -84,8 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for key, value in summary.items():
-            print(f"{key:>14}: {value}")
+        _print_summary(summary)
     if args.show:
         decode = _load_decoder(ds, args.tokenizer)
         for i in range(min(args.show, len(ds))):
@@ -96,25 +80,50 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(summary: dict, indent: int = 0) -> None:
+    """key: value lines; the parts of a concatenation indented below it."""
+    pad = " " * indent
+    for key, value in summary.items():
+        if key != "parts":
+            print(f"{pad}{key:>14}: {value}")
+    for k, part in enumerate(summary.get("parts", [])):
+        print(f"{pad}{'part ' + str(k):>14}:")
+        _print_summary(part, indent + 4)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shardfmt.verify import verify_dataset
     try:
-        ds = open_dataset(args.dirs)
-        problems = verify_dataset(ds)
-    except (IncompleteDatasetError, CorruptShardError, FileNotFoundError) as err:
+        ds = open_dataset(args.dirs)  # header and size checks of every file
+        problems = ds.verify()
+    except (ShardfmtError, FileNotFoundError) as err:
         problems = [str(err)]
     for p in problems:
         print(f"FAIL {p}")
     if not problems:
-        print(f"OK {len(ds)} samples, {ds.num_tokens} tokens, {ds.num_shards} shards: "
-              f"checksums and index structure verified")
+        parts = _leaves(ds)
+        checked = sorted({_VERIFIED[p.kind] for p in parts})
+        print(f"OK {len(ds)} samples, {ds.num_tokens} tokens, {len(parts)} part(s): "
+              + "; ".join(checked))
     return 1 if problems else 0
+
+
+def _leaves(ds: TokenDataset) -> list[TokenDataset]:
+    """The datasets inside concatenations (of concatenations), in order."""
+    return [leaf for part in ds.parts for leaf in _leaves(part)] if hasattr(ds, "parts") else [ds]
+
+
+_VERIFIED = {
+    "shardfmt": "shardfmt: checksums and index structure verified",
+    "megatron": "Megatron: header, file sizes and every index entry verified (Megatron files "
+                "carry no checksums)",
+}
 
 
 def cmd_export_megatron(args: argparse.Namespace) -> int:
     from shardfmt.megatron import export_megatron
     ds = open_dataset(args.dir)
-    result = export_megatron(ds, args.prefix, overwrite=args.overwrite)
+    result = export_megatron(ds, args.prefix, dtype=args.dtype, split=args.split,
+                             overwrite=args.overwrite)
     print(f"wrote {args.prefix}.bin / {args.prefix}.idx ({result})")
     return 0
 
@@ -133,17 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="counts, dtype, length percentiles, decoded samples")
-    ins.add_argument("dirs", nargs="+", help="dataset directories (OUT/CORPUS)")
+    ins.add_argument("dirs", nargs="+", help="dataset directories (OUT/CORPUS), Megatron prefixes "
+                     "or directories of Megatron .bin/.idx pairs")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.add_argument("--tokenizer", help="tokenizer dir for --show (default: the dataset's own)")
     ins.add_argument("--show", type=int, default=0, help="decode the first N samples")
     ins.set_defaults(func=cmd_inspect)
     ver = sub.add_parser("verify", help="recompute checksums and scan every index; exit 0/1")
-    ver.add_argument("dirs", nargs="+")
+    ver.add_argument("dirs", nargs="+", help="as for inspect; Megatron pairs get header, size and "
+                     "index checks (they have no checksums)")
     ver.set_defaults(func=cmd_verify)
     exp = sub.add_parser("export-megatron", help="write a Megatron-LM MMIDIDX .bin/.idx pair")
-    exp.add_argument("dir")
+    exp.add_argument("dir", help="dataset directory, Megatron prefix or directory of pairs")
     exp.add_argument("prefix", help="output path prefix (PREFIX.bin, PREFIX.idx)")
+    exp.add_argument("--dtype", default=None, help="token dtype of the output (default: the "
+                     "dataset's); a narrower one is refused if an id does not fit")
+    exp.add_argument("--split", choices=("document", "segment"), default="document",
+                     help="one Megatron sequence per whole document, or per document segment")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX pair")
     exp.set_defaults(func=cmd_export_megatron)
     mer = sub.add_parser("merge", help="join --part outputs into one dataset (no token copies)")
@@ -160,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (IncompleteDatasetError, CorruptShardError, FileNotFoundError, FileExistsError,
-            ValueError) as err:
+    except (ShardfmtError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

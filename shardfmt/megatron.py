@@ -1,26 +1,15 @@
-"""Megatron-LM `MMIDIDX` indexed datasets: read them as pretrain data, export our datasets to them.
+"""Megatron-LM `MMIDIDX` indexed datasets: read them as pretrain data, write them for Megatron.
 
-numpy only: Megatron (megatron.core.datasets.indexed_dataset) is needed by the interop tests, never
-here. A Megatron dataset is a pair PREFIX.bin / PREFIX.idx:
-
-  PREFIX.bin  token ids of every sequence back to back (one dtype, no header)
-  PREFIX.idx  (little-endian, packed, no alignment padding)
-    offset        size      field
-    0             9         magic b"MMIDIDX\\x00\\x00"
-    9             8  <Q     version, always 1
-    17            1  <B     dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16;
-                            6 float64 and 7 float32 exist but are not token data)
-    18            8  <Q     S  sequence count
-    26            8  <Q     D  document-index count (documents + 1: the list starts with 0)
-    34            4*S <i4   sequence_lengths   tokens per sequence
-    34+4S         8*S <i8   sequence_pointers  BYTE offset of each sequence in .bin
-    34+12S        8*D <i8   document_indices   0, then the sequence index where each document ends
-    34+12S+8D     1*S <i1   sequence_modes     multimodal datasets only (not flagged in the header;
-                                               refused here)
+numpy only: megatron-core is needed by the interop tests, never here. The byte layout lives in
+`shardfmt.spec` (second half). A Megatron dataset is a pair PREFIX.bin / PREFIX.idx.
 
 Reading: every Megatron *sequence* is one sample (`ds[i].input_ids` = sequence i, loss mask all
 True, doc_lens = [len]), as Megatron's GPTDataset treats them. `ds.doc_continues(i)` is True for a
 sequence that is not the first of its Megatron document (sentence-split data).
+
+Writing: `MegatronBuilder` (add_document / finalize, like megatron-core's IndexedDatasetBuilder,
+but streaming to disk in constant memory and atomic), and `export_megatron(dataset, prefix)` on
+top of it for any token dataset.
 
 Example:
     >>> ds = open_megatron("data/corpus_text_document")              # doctest: +SKIP
@@ -31,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import os
-import struct
 import warnings
 from array import array
 from dataclasses import dataclass
@@ -40,24 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from shardfmt.reader import CorruptShardError, Sample
-from shardfmt.spec import CODE_TO_DTYPE, DTYPE_CODES
+from shardfmt.errors import CorruptShardError, DatasetNotFoundError
+from shardfmt.protocol import Sample, length_summary
+from shardfmt.spec import (DTYPE_CODES, MEGATRON_HEADER, MEGATRON_MAGIC, megatron_array_offsets,
+                           megatron_index_nbytes, pack_megatron_header, unpack_megatron_header)
 from shardfmt.writer import fsync_dir
 
-__all__ = ["MEGATRON_MAGIC", "MegatronDataset", "MegatronExport", "open_megatron",
-           "export_megatron"]
+__all__ = ["MEGATRON_HEADER", "MEGATRON_MAGIC", "megatron_index_nbytes", "MegatronDataset",
+           "MegatronBuilder", "MegatronExport", "open_megatron", "export_megatron"]
 
-MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
-MEGATRON_VERSION = 1
-MEGATRON_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D
-assert MEGATRON_HEADER.size == 34
-_FLOAT_CODES = {6: "float64", 7: "float32"}
 _CHUNK = 1 << 22  # elements per vectorised pass over big arrays (max_token_id, validate, export)
-
-
-def megatron_index_nbytes(num_sequences: int, num_doc_indices: int) -> int:
-    """Exact size of a text (non-multimodal) `.idx` with these header counts."""
-    return MEGATRON_HEADER.size + 12 * num_sequences + 8 * num_doc_indices
 
 
 def _split_prefix(prefix: str | os.PathLike) -> tuple[Path, Path]:
@@ -85,45 +65,17 @@ class MegatronDataset:
         self.prefix = str(self.idx_path)[:-4]
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing Megatron file (prefix {self.prefix!r} "
+                raise DatasetNotFoundError(f"{path}: missing Megatron file (prefix {self.prefix!r} "
                                         f"needs both .bin and .idx)")
         idx_size = self.idx_path.stat().st_size
         self.bin_nbytes = self.bin_path.stat().st_size
         with open(self.idx_path, "rb") as f:
             raw = f.read(MEGATRON_HEADER.size)
-        if len(raw) < MEGATRON_HEADER.size:
-            raise CorruptShardError(f"{self.idx_path}: {len(raw)} bytes, shorter than the "
-                                    f"{MEGATRON_HEADER.size}-byte MMIDIDX header (truncated file?)")
-        magic, version, code, num_seqs, num_doc_idx = MEGATRON_HEADER.unpack(raw)
-        if magic != MEGATRON_MAGIC:
-            raise CorruptShardError(f"{self.idx_path}: bad magic {magic!r} (expected "
-                                    f"{MEGATRON_MAGIC!r}); not a Megatron MMIDIDX index")
-        if version != MEGATRON_VERSION:
-            raise CorruptShardError(f"{self.idx_path}: MMIDIDX version {version}, only version "
-                                    f"{MEGATRON_VERSION} exists")
-        if code in _FLOAT_CODES:
-            raise CorruptShardError(f"{self.idx_path}: dtype code {code} ({_FLOAT_CODES[code]}) "
-                                    f"holds floats, not token ids")
-        if code not in CODE_TO_DTYPE:
-            raise CorruptShardError(f"{self.idx_path}: unknown dtype code {code}")
+        self.header = unpack_megatron_header(raw, path=str(self.idx_path), file_size=idx_size)
         # token dtype of .bin (little-endian, as Megatron writes on every platform it runs on)
-        self._dtype = np.dtype(CODE_TO_DTYPE[code]).newbyteorder("<")
-        # S: number of sequences (= samples here)
-        self.num_sequences = int(num_seqs)
-        # D: length of document_indices (documents + 1)
-        self.num_doc_indices = int(num_doc_idx)
-        want = megatron_index_nbytes(self.num_sequences, self.num_doc_indices)
-        if idx_size != want:
-            hint = ("; that is exactly one extra byte per sequence: a multimodal index with "
-                    "sequence modes, which is not token data") if (
-                idx_size == want + self.num_sequences and self.num_sequences) else (
-                " (truncated, padded, or the header counts are corrupt)")
-            raise CorruptShardError(f"{self.idx_path}: {idx_size} bytes, but the header's "
-                                    f"{self.num_sequences} sequences and {self.num_doc_indices} "
-                                    f"document indices need {want}{hint}")
-        if self.num_doc_indices < 1:
-            raise CorruptShardError(f"{self.idx_path}: document index count is 0; Megatron "
-                                    f"indices always start with a 0 entry")
+        self._dtype = np.dtype(self.header.dtype).newbyteorder("<")
+        self.num_sequences = self.header.num_sequences      # S (= samples here)
+        self.num_doc_indices = self.header.num_doc_indices  # D (= documents + 1)
         if self.bin_nbytes % self._dtype.itemsize:
             raise CorruptShardError(f"{self.bin_path}: {self.bin_nbytes} bytes is not a whole "
                                     f"number of {self._dtype.name} tokens (truncated?)")
@@ -147,17 +99,9 @@ class MegatronDataset:
         """Map both files (once per process) and return the index arrays plus `tokens`."""
         if self._arrays is not None and self._pid == os.getpid():
             return self._arrays
-        s, d = self.num_sequences, self.num_doc_indices
         idx_mm = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
-        off = MEGATRON_HEADER.size
-        arrays = {
-            # tokens per sequence
-            "sequence_lengths": np.frombuffer(idx_mm, dtype="<i4", count=s, offset=off),
-            # byte offset of each sequence in .bin
-            "sequence_pointers": np.frombuffer(idx_mm, dtype="<i8", count=s, offset=off + 4 * s),
-            # 0, then the sequence index ending each document
-            "document_indices": np.frombuffer(idx_mm, dtype="<i8", count=d, offset=off + 12 * s),
-        }
+        arrays = {name: np.frombuffer(idx_mm, dtype=dt, count=count, offset=off)
+                  for name, (off, count, dt) in megatron_array_offsets(self.header).items()}
         if self.bin_nbytes:
             arrays["bin"] = np.memmap(self.bin_path, dtype=np.uint8, mode="r")
         else:  # mmap refuses empty files
@@ -174,6 +118,12 @@ class MegatronDataset:
         self.__dict__.update(state)
 
     # -- summary -------------------------------------------------------------------------------
+    kind = "megatron"
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.prefix]
+
     @property
     def manifests(self) -> list[dict]:
         """No shardfmt manifest: Megatron data carries no tokenizer identity or template."""
@@ -272,6 +222,26 @@ class MegatronDataset:
         for i in range(len(self)):
             yield self[i]
 
+    def summary(self) -> dict:
+        """Counts and length percentiles (reads the index; max_token_id scans .bin once)."""
+        lengths = self.sample_lengths()
+        return {"kind": self.kind, "paths": self.paths, "format": "Megatron-LM MMIDIDX",
+                "encode_type": "pretrain (Megatron: every token trained)",
+                "dtype": str(self.dtype), "samples": len(self), "documents": self.num_documents,
+                "tokens": self.num_tokens, "max_token_id": self.max_token_id,
+                "length": length_summary(lengths),
+                "files": {"idx": f"{self.idx_path} ({self.idx_path.stat().st_size} bytes)",
+                          "bin": f"{self.bin_path} ({self.bin_nbytes} bytes)"}}
+
+    def verify(self) -> list[str]:
+        """Megatron files carry no checksums: the header and sizes were checked at open; this
+        checks every index entry (pointers inside .bin, aligned; document indices sorted)."""
+        try:
+            self.validate()
+        except CorruptShardError as err:
+            return [str(err)]
+        return []
+
     def validate(self) -> None:
         """Check every index entry (vectorised, chunked); CorruptShardError names the file."""
         a = self._open()
@@ -334,10 +304,12 @@ class _ScratchArray:
         self._f = open(path, "wb")
         self._buf = array(typecode)
         self.count = 0
+        self.last: int | None = None
 
     def append(self, value: int) -> None:
         self._buf.append(value)
         self.count += 1
+        self.last = value
         if len(self._buf) >= 1 << 16:
             self._buf.tofile(self._f)
             del self._buf[:]
@@ -369,6 +341,163 @@ def _fitting_dtype(lo: int, hi: int) -> str:
     return "int64"
 
 
+class MegatronBuilder:
+    """Write a Megatron `PREFIX.bin/.idx` pair document by document, in constant memory.
+
+    Like megatron-core's IndexedDatasetBuilder (add_item / end_document / add_document /
+    finalize), but the token stream and the index arrays go to disk as they come (temp files),
+    and `finalize()` writes the index and renames both files into place, `.idx` last, so a pair
+    with an `.idx` is always complete. A builder left without `finalize()` (an exception inside
+    `with`, or `discard()`) leaves no files behind.
+
+    Example:
+        >>> with MegatronBuilder("mega/corpus", dtype="uint16") as b:        # doctest: +SKIP
+        ...     b.add_document([5, 6, 7, 8], lengths=[3, 1])   # one document, two sequences
+        ...     result = b.finalize()
+    """
+
+    def __init__(self, prefix: str | os.PathLike, *, dtype: str | np.dtype,
+                 overwrite: bool = False) -> None:
+        out_dtype = np.dtype(dtype)
+        if out_dtype.name not in DTYPE_CODES:
+            raise ValueError(f"dtype {out_dtype.name} has no Megatron token dtype code; use one of "
+                             f"{sorted(DTYPE_CODES)}")
+        self.dtype = out_dtype.newbyteorder("<")
+        self._info = np.iinfo(self.dtype)
+        self.idx_path, self.bin_path = _split_prefix(prefix)
+        if not overwrite:
+            for path in (self.idx_path, self.bin_path):
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        self.idx_path.parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp{os.getpid()}"
+        self._bin_tmp = self.bin_path.with_name(self.bin_path.name + tag)
+        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + tag)
+        self._lens = _ScratchArray(self.idx_path.with_name(self.idx_path.name + tag + ".lens"),
+                                   "q", "<i8")
+        self._doc_ends = _ScratchArray(self.idx_path.with_name(self.idx_path.name + tag + ".docs"),
+                                       "q", "<i8")
+        self._bin = open(self._bin_tmp, "wb")
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._open_len = -1     # tokens in the sequence being built (-1: none open)
+        self.num_tokens = 0
+        self.loss_mask_dropped = False  # set by export_megatron; reported in the result
+        self._finalized = False
+
+    # -- adding -------------------------------------------------------------------------------
+    def add_tokens(self, tokens: np.ndarray | list[int]) -> None:
+        """Append tokens to the open sequence (opening one if none is open)."""
+        ids = np.asarray(tokens)
+        if ids.size and not np.can_cast(ids.dtype, self.dtype, casting="safe"):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < self._info.min or hi > self._info.max:
+                bad = hi if hi > self._info.max else lo
+                raise ValueError(f"token id {bad} does not fit {self.dtype.name}; export with "
+                                 f"dtype={_fitting_dtype(lo, hi)!r}")
+        self._open_len = max(self._open_len, 0) + ids.size
+        if self._open_len > np.iinfo(np.int32).max:
+            raise ValueError(f"a sequence of {self._open_len} tokens exceeds Megatron's int32 "
+                             f"sequence lengths")
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.num_tokens += ids.size
+        if self._pending_bytes >= 1 << 22:
+            self._flush()
+
+    def end_sequence(self) -> None:
+        """Close the open sequence (an empty one if nothing was added since the last)."""
+        self._lens.append(max(self._open_len, 0))
+        self._open_len = -1
+
+    def end_document(self) -> None:
+        """Close the open sequence (if any) and end the document at the last sequence (a no-op
+        when no sequence was added since the last document ended)."""
+        if self._finalized:
+            raise ValueError(f"{self.idx_path}: the builder is finalized; start a new one")
+        if self._open_len >= 0:
+            self.end_sequence()
+        if self._lens.count and (not self._doc_ends.count or self._doc_ends.last != self._lens.count):
+            self._doc_ends.append(self._lens.count)
+
+    def add_document(self, tokens: np.ndarray | list[int], lengths: list[int] | None = None) -> None:
+        """One whole document: `tokens`, split into sequences of `lengths` (default: one)."""
+        ids = np.asarray(tokens)
+        lengths = [ids.size] if lengths is None else [int(n) for n in lengths]
+        if sum(lengths) != ids.size or any(n < 0 for n in lengths):
+            raise ValueError(f"add_document: lengths {lengths} do not split {ids.size} tokens")
+        pos = 0
+        for n in lengths:
+            self.add_tokens(ids[pos:pos + n])
+            self.end_sequence()
+            pos += n
+        self.end_document()
+
+    # -- finishing ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._bin.write(b"".join(self._pending))
+        self._pending, self._pending_bytes = [], 0
+
+    def finalize(self) -> "MegatronExport":
+        """Write the index, rename both files into place (`.idx` last); return what was written."""
+        try:
+            self.end_document()
+            self._flush()
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            self._lens.finish()
+            self._doc_ends.finish()
+            num_seqs, num_docs = self._lens.count, self._doc_ends.count
+            itemsize = self.dtype.itemsize
+            with open(self._idx_tmp, "wb") as f:
+                f.write(pack_megatron_header(self.dtype.name, num_seqs, num_docs + 1))
+                for chunk in self._lens.chunks():                     # sequence_lengths, <i4
+                    f.write(chunk.astype("<i4").tobytes())
+                base = 0
+                for chunk in self._lens.chunks():                     # sequence_pointers, <i8
+                    ends = np.cumsum(chunk * itemsize, dtype=np.int64) + base
+                    f.write((ends - chunk * itemsize).astype("<i8").tobytes())
+                    base = int(ends[-1])
+                f.write(np.zeros(1, "<i8").tobytes())                 # document_indices, <i8
+                for chunk in self._doc_ends.chunks():
+                    f.write(chunk.astype("<i8").tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            if base != self.num_tokens * itemsize:  # internal consistency, never expected
+                raise AssertionError(f"{self._idx_tmp}: pointers end at {base} bytes, .bin has "
+                                     f"{self.num_tokens * itemsize}")
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(self._idx_tmp, self.idx_path)  # the index last: a pair with .idx is complete
+            fsync_dir(self.idx_path.parent)
+        except BaseException:
+            self.discard()
+            raise
+        self._lens.discard()
+        self._doc_ends.discard()
+        self._finalized = True
+        return MegatronExport(prefix=str(self.idx_path)[:-4], dtype=self.dtype.name,
+                              num_sequences=num_seqs, num_documents=num_docs,
+                              num_tokens=self.num_tokens, loss_mask_dropped=self.loss_mask_dropped)
+
+    def discard(self) -> None:
+        """Abandon the build: close and delete every temp file."""
+        if not self._bin.closed:
+            self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
+        self._lens.discard()
+        self._doc_ends.discard()
+
+    def __enter__(self) -> "MegatronBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finalized:  # an error, or no finalize(): leave nothing that looks written
+            self.discard()
+
+
 def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.dtype | None = None,
                     split: str = "document", overwrite: bool = False) -> MegatronExport:
     """Write `dataset` (anything with `len()` and `[i]` -> Sample) as Megatron `prefix.bin/.idx`.
@@ -387,9 +516,7 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
     UserWarning) says when that lost information (qa/chat data).
 
     `dtype` defaults to the dataset's; a narrower one is allowed if every id fits (checked per
-    sample, never wrapped). `.bin` is streamed and the index is assembled from on-disk scratch
-    arrays, so memory is constant; files are written under temp names, fsynced, and renamed
-    (.bin, then .idx last).
+    sample, never wrapped). Memory is constant (`MegatronBuilder`); nothing is left behind on error.
 
     Example:
         >>> ds = open_dataset("out/corpus")                                     # doctest: +SKIP
@@ -398,123 +525,43 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
     """
     if split not in ("document", "segment"):
         raise ValueError(f"split must be 'document' or 'segment', got {split!r}")
-    out_dtype = np.dtype(dtype if dtype is not None else getattr(dataset, "dtype", "int32"))
-    if out_dtype.name not in DTYPE_CODES:
-        raise ValueError(f"dtype {out_dtype.name} has no Megatron token dtype code; use one of "
-                         f"{sorted(DTYPE_CODES)}")
-    out_dtype = out_dtype.newbyteorder("<")
-    info = np.iinfo(out_dtype)
-    idx_path, bin_path = _split_prefix(prefix)
-    if not overwrite:
-        for path in (idx_path, bin_path):
-            if path.exists():
-                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    idx_path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp{os.getpid()}"
-    bin_tmp = bin_path.with_name(bin_path.name + tag)
-    idx_tmp = idx_path.with_name(idx_path.name + tag)
-    lens = _ScratchArray(idx_path.with_name(idx_path.name + tag + ".lens"), "q", "<i8")
-    doc_ends = _ScratchArray(idx_path.with_name(idx_path.name + tag + ".docs"), "q", "<i8")
+    out_dtype = dtype if dtype is not None else getattr(dataset, "dtype", "int32")
     continues_fn = getattr(dataset, "doc_continues", None)
-    masks_dropped = False
-    num_tokens = 0
-    try:
-        with open(bin_tmp, "wb") as bin_f:
-            pending: list[bytes] = []
-            pending_bytes = 0
-            open_len = -1  # split="document": tokens in the sequence being built (-1: none)
-            for i in range(len(dataset)):
-                s = dataset[i]
-                ids = np.asarray(s.input_ids)
-                doc_lens = np.asarray(s.doc_lens, dtype=np.int64)
-                if int(doc_lens.sum()) != ids.size:
-                    raise ValueError(f"sample {i}: doc_lens sum to {int(doc_lens.sum())}, not its "
-                                     f"{ids.size} tokens")
-                if not masks_dropped and not np.asarray(s.loss_mask).all():
-                    masks_dropped = True
-                if ids.size and not np.can_cast(ids.dtype, out_dtype, casting="safe"):
-                    lo, hi = int(ids.min()), int(ids.max())
-                    if lo < info.min or hi > info.max:
-                        bad = hi if hi > info.max else lo
-                        raise ValueError(f"sample {i}: token id {bad} does not fit {out_dtype.name}"
-                                         f"; export with dtype={_fitting_dtype(lo, hi)!r}")
-                cont = (np.asarray(continues_fn(i), dtype=bool) if continues_fn is not None
-                        else np.zeros(doc_lens.size, dtype=bool))
-                for n, c in zip(doc_lens.tolist(), cont.tolist()):
-                    if n < 0 or n > np.iinfo(np.int32).max:
-                        raise ValueError(f"sample {i}: document segment length {n} is outside "
-                                         f"Megatron's int32 sequence lengths")
-                    if split == "segment":
-                        if not c and lens.count:
-                            doc_ends.append(lens.count)  # previous document ends here
-                        lens.append(n)
-                    else:
-                        if c and open_len >= 0:
-                            open_len += n
-                        else:
-                            if open_len >= 0:
-                                lens.append(open_len)
-                            open_len = n
-                        if open_len > np.iinfo(np.int32).max:
-                            raise ValueError(f"sample {i}: a document of {open_len} tokens "
-                                             f"exceeds Megatron's int32 sequence length")
-                data = ids.astype(out_dtype, copy=False).tobytes()
-                pending.append(data)
-                pending_bytes += len(data)
-                num_tokens += ids.size
-                if pending_bytes >= 1 << 22:
-                    bin_f.write(b"".join(pending))
-                    pending, pending_bytes = [], 0
-            bin_f.write(b"".join(pending))
-            bin_f.flush()
-            os.fsync(bin_f.fileno())
-        if split == "document":
-            if open_len >= 0:
-                lens.append(open_len)
-            for k in range(1, lens.count + 1):  # one document per sequence
-                doc_ends.append(k)
-        elif lens.count:
-            doc_ends.append(lens.count)
-        lens.finish()
-        doc_ends.finish()
-        num_seqs, num_docs = lens.count, doc_ends.count
-        with open(idx_tmp, "wb") as f:
-            # magic, version 1, dtype code, S, D (= documents + 1)
-            f.write(MEGATRON_HEADER.pack(MEGATRON_MAGIC, MEGATRON_VERSION,
-                                         DTYPE_CODES[out_dtype.name], num_seqs, num_docs + 1))
-            # sequence_lengths, int32
-            for chunk in lens.chunks():
-                f.write(chunk.astype("<i4").tobytes())
-            # sequence_pointers, int64 byte offsets (running sum of lengths * itemsize)
-            base = 0
-            for chunk in lens.chunks():
-                ends = np.cumsum(chunk * out_dtype.itemsize, dtype=np.int64) + base
-                f.write((ends - chunk * out_dtype.itemsize).astype("<i8").tobytes())
-                base = int(ends[-1])
-            # document_indices, int64: 0, then each document's end
-            f.write(np.zeros(1, "<i8").tobytes())
-            for chunk in doc_ends.chunks():
-                f.write(chunk.astype("<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        if base != num_tokens * out_dtype.itemsize:  # internal consistency, never expected
-            raise AssertionError(f"{idx_tmp}: pointers end at {base} bytes, .bin has "
-                                 f"{num_tokens * out_dtype.itemsize}")
-        os.replace(bin_tmp, bin_path)
-        os.replace(idx_tmp, idx_path)  # the index last: a pair with an .idx is complete
-        fsync_dir(idx_path.parent)
-    except BaseException:
-        bin_tmp.unlink(missing_ok=True)
-        idx_tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        lens.discard()
-        doc_ends.discard()
-    if masks_dropped:
+    with MegatronBuilder(prefix, dtype=out_dtype, overwrite=overwrite) as builder:
+        for i in range(len(dataset)):
+            s = dataset[i]
+            ids = np.asarray(s.input_ids)
+            doc_lens = np.asarray(s.doc_lens, dtype=np.int64)
+            if int(doc_lens.sum()) != ids.size:
+                raise ValueError(f"sample {i}: doc_lens sum to {int(doc_lens.sum())}, not its "
+                                 f"{ids.size} tokens")
+            if not builder.loss_mask_dropped and not np.asarray(s.loss_mask).all():
+                builder.loss_mask_dropped = True
+            cont = (np.asarray(continues_fn(i), dtype=bool) if continues_fn is not None
+                    else np.zeros(doc_lens.size, dtype=bool))
+            pos = 0
+            for n, c in zip(doc_lens.tolist(), cont.tolist()):
+                if n < 0:
+                    raise ValueError(f"sample {i}: negative document segment length {n}")
+                if split == "segment":
+                    if not c:
+                        builder.end_document()  # the previous document ends here
+                    try:
+                        builder.add_tokens(ids[pos:pos + n])
+                    except ValueError as err:
+                        raise ValueError(f"sample {i}: {err}") from None
+                    builder.end_sequence()
+                else:
+                    if not c:
+                        builder.end_document()  # one sequence per document
+                    try:
+                        builder.add_tokens(ids[pos:pos + n])
+                    except ValueError as err:
+                        raise ValueError(f"sample {i}: {err}") from None
+                pos += n
+        result = builder.finalize()
+    if result.loss_mask_dropped:
         warnings.warn(f"export_megatron({str(prefix)!r}): some samples have untrained tokens "
                       f"(loss mask not all ones); Megatron has no loss mask, so the export "
                       f"trains every token", UserWarning, stacklevel=2)
-    return MegatronExport(prefix=str(idx_path)[:-4], dtype=out_dtype.name, num_sequences=num_seqs,
-                          num_documents=num_docs, num_tokens=num_tokens,
-                          loss_mask_dropped=masks_dropped)
-
+    return result

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import bisect
 import json
-import operator
 import os
 import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from shardfmt.errors import CorruptShardError, IncompleteDatasetError
+from shardfmt.protocol import Sample, length_summary, locate
+from shardfmt.verify import verify_shard
 from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, HEADER, MANIFEST_FORMAT,
                            MANIFEST_NAME, IndexHeader, index_array_offsets, index_nbytes,
                            unpack_header)
@@ -66,20 +68,6 @@ def _forget_all_mappings() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_all_mappings)
-
-
-class IncompleteDatasetError(FileNotFoundError):
-    """The directory has no manifest: its write never finished (killed, or still running)."""
-
-
-class CorruptShardError(ValueError):
-    """A shard's bytes disagree with its header, index or manifest."""
-
-
-class Sample(NamedTuple):
-    input_ids: np.ndarray  # token ids in the shard's dtype (zero-copy view; cast before torch)
-    loss_mask: np.ndarray  # bool, True where the token is trained
-    doc_lens: np.ndarray   # int32 lengths of the document segments, summing to len(input_ids)
 
 
 @dataclass(eq=False)  # identity equality/hash: shards live in the WeakSet _MAPPED
@@ -243,21 +231,13 @@ def _check_shard(shard: _ShardFiles) -> None:
     shard.header = h
 
 
-def _locate(starts: list[int], i: int) -> tuple[int, int]:
-    """(part k, index inside part k) of global index `i` (negative counts from the end), given
-    `starts[k]` = global index of part k's first item and `starts[-1]` = the total."""
-    i = operator.index(i)
-    n = starts[-1]
-    if i < 0:
-        i += n
-    if not 0 <= i < n:
-        raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
-    k = bisect.bisect_right(starts, i) - 1
-    return k, i - starts[k]
-
-
 class Dataset:
-    """Samples of one or more dataset directories, concatenated in the order given."""
+    """Samples of one or more shardfmt dataset directories, concatenated in the order given.
+
+    Implements `shardfmt.protocol.TokenDataset`; open it with `shardfmt.open_dataset`.
+    """
+
+    kind = "shardfmt"
 
     def __init__(self, directories: Sequence[Path]):
         self.directories = [Path(d) for d in directories]
@@ -316,7 +296,7 @@ class Dataset:
     # -- access --------------------------------------------------------------------------------
     def locate(self, i: int) -> tuple[int, int]:
         """Global index -> (shard number, index inside that shard)."""
-        return _locate(self._starts, i)
+        return locate(self._starts, i)
 
     def __getitem__(self, i: int) -> Sample:
         starts = self._starts
@@ -337,81 +317,39 @@ class Dataset:
         for i in range(len(self)):
             yield self[i]
 
+    @property
+    def paths(self) -> list[str]:
+        return [str(d) for d in self.directories]
+
+    def summary(self) -> dict:
+        """Counts, length percentiles and loss fraction (reads offsets, not tokens)."""
+        lengths = self.sample_lengths()
+        loss_tokens = sum(s.entry["loss_tokens"] for s in self._shards)
+        m = self.manifest
+        return {
+            "kind": self.kind,
+            "paths": self.paths,
+            "encode_type": m["encode_type"],
+            "dtype": str(self.dtype),
+            "max_length": m["max_length"],
+            "packing": m["packing"],
+            "shards": self.num_shards,
+            "samples": len(self),
+            "docs": sum(s.header.num_docs for s in self._shards),
+            "tokens": self.num_tokens,
+            "loss_tokens": loss_tokens,
+            "loss_fraction": round(loss_tokens / max(self.num_tokens, 1), 4),
+            "fill": round(self.num_tokens / max(len(self) * m["max_length"], 1), 4),
+            "max_token_id": self.max_token_id,
+            "length": length_summary(lengths),
+            "tokenizer": {k: m["tokenizer"].get(k) for k in ("path", "class", "len", "bos_id",
+                                                             "eos_id", "pad_id")},
+        }
+
+    def verify(self) -> list[str]:
+        """Checksums of every file and a structural scan of every index (reads every byte)."""
+        return [problem for shard in self._shards for problem in verify_shard(shard)]
+
     def __repr__(self) -> str:
         return (f"Dataset({[str(d) for d in self.directories]}, samples={len(self)}, "
                 f"shards={self.num_shards}, tokens={self.num_tokens})")
-
-
-class MixedDataset:
-    """Shardfmt datasets and Megatron prefixes, concatenated in the order given."""
-
-    def __init__(self, parts: Sequence):
-        self.parts = list(parts)
-        self._starts = [0] + np.cumsum([len(p) for p in self.parts]).tolist()
-        self.manifests = [m for p in self.parts for m in getattr(p, "manifests", [])]
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def locate(self, i: int) -> tuple[int, int]:
-        """Global index -> (part number, index inside that part)."""
-        return _locate(self._starts, i)
-
-    def __getitem__(self, i: int) -> Sample:
-        k, j = self.locate(i)
-        return self.parts[k][j]
-
-    def doc_continues(self, i: int) -> np.ndarray:
-        k, j = self.locate(i)
-        return self.parts[k].doc_continues(j)
-
-    def sample_lengths(self) -> np.ndarray:
-        return np.concatenate([p.sample_lengths() for p in self.parts])
-
-    @property
-    def manifest(self) -> dict | None:
-        return self.manifests[0] if self.manifests else None
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(p.num_tokens for p in self.parts)
-
-    @property
-    def max_token_id(self) -> int:
-        return max(p.max_token_id for p in self.parts)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.result_type(*[p.dtype for p in self.parts])
-
-
-def _is_megatron_prefix(path: Path) -> bool:
-    return not path.is_dir() and Path(str(path) + ".idx").is_file()
-
-
-def open_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Dataset:
-    """Open one dataset directory or several (concatenated, in order).
-
-    A path that is not a directory but has `PATH.idx` beside it is read as a Megatron-LM
-    indexed dataset prefix (each sequence = one sample, all tokens trained).
-
-    >>> ds = open_dataset("out/demo")          # doctest: +SKIP
-    >>> s = ds[0]; s.input_ids, s.loss_mask, s.doc_lens
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("open_dataset: give at least one dataset directory")
-    paths = [Path(p) for p in paths]
-    if not any(_is_megatron_prefix(p) for p in paths):
-        return Dataset(paths)
-    from shardfmt.megatron import open_megatron
-    parts: list = []
-    for p in paths:
-        if _is_megatron_prefix(p):
-            parts.append(open_megatron(p))
-        elif parts and isinstance(parts[-1], Dataset):
-            parts[-1] = Dataset(parts[-1].directories + [p])
-        else:
-            parts.append(Dataset([p]))
-    return parts[0] if len(parts) == 1 else MixedDataset(parts)

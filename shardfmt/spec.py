@@ -1,4 +1,7 @@
-"""The byte layout of one shard's `.idx` file: the only place in the project that knows it.
+"""The byte layouts: the only place in the project that knows them.
+
+Two formats: our shards (below), and Megatron-LM's `MMIDIDX` indexed datasets (second half of
+this module), which we read as pretrain data and write for Megatron users.
 
 A shard is a pair of files:
   NAME.bin  raw token ids, little-endian, one dtype, samples back to back (no header, no padding).
@@ -36,6 +39,8 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from shardfmt.errors import CorruptShardError
 
 MAGIC = b"SHRDIDX\x00"
 FORMAT_VERSION = 1
@@ -84,17 +89,20 @@ def pack_header(h: IndexHeader) -> bytes:
 def unpack_header(raw: bytes, *, path: str) -> IndexHeader:
     """Parse and sanity-check the 48-byte header; every error names `path`."""
     if len(raw) < HEADER.size:
-        raise ValueError(f"{path}: index is {len(raw)} bytes, shorter than the {HEADER.size}-byte "
+        raise CorruptShardError(f"{path}: index is {len(raw)} bytes, shorter than the {HEADER.size}-byte "
                          f"header (truncated file?)")
     magic, version, code, s, d, l, t = HEADER.unpack_from(raw)
     if magic != MAGIC:
-        raise ValueError(f"{path}: bad magic {magic!r} (expected {MAGIC!r}); not a shardfmt index. "
-                         f"For a Megatron MMIDIDX prefix use shardfmt.open_megatron.")
+        hint = (" It is a Megatron MMIDIDX index: pass its prefix (the path without .idx)."
+                if raw.startswith(MEGATRON_MAGIC) else "")
+        raise CorruptShardError(f"{path}: bad magic {magic!r} (expected {MAGIC!r}); not a "
+                                f"shardfmt index.{hint}")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {version}; this reader knows version "
-                         f"{FORMAT_VERSION}. Upgrade shardfmt or re-encode.")
+        raise CorruptShardError(f"{path}: format version {version}; this reader knows version "
+                                f"{FORMAT_VERSION}. Upgrade shardfmt or re-encode.")
     if code not in CODE_TO_DTYPE or CODE_TO_DTYPE[code] not in WRITABLE_DTYPES:
-        raise ValueError(f"{path}: unknown token dtype code {code}")
+        raise CorruptShardError(f"{path}: unknown token dtype code {code} (valid: "
+                                f"{[DTYPE_CODES[n] for n in WRITABLE_DTYPES]}); the file is corrupt")
     return IndexHeader(version, CODE_TO_DTYPE[code], s, d, l, t)
 
 
@@ -123,3 +131,91 @@ def shard_file_names(corpus_name: str, shard_index: int) -> tuple[str, str]:
     """`("c_00003.bin", "c_00003.idx")` for corpus "c", shard 3."""
     stem = f"{corpus_name}_{shard_index:05d}"
     return stem + ".bin", stem + ".idx"
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron-LM `MMIDIDX` (megatron/core/datasets/indexed_dataset.py), a pair PREFIX.bin / PREFIX.idx
+#
+#   PREFIX.bin  token ids of every sequence back to back (one dtype, no header)
+#   PREFIX.idx  (little-endian, packed, no alignment padding)
+#     offset        size      field
+#     0             9         magic b"MMIDIDX\x00\x00"
+#     9             8  <Q     version, always 1
+#     17            1  <B     dtype code (DTYPE_CODES above; 6 float64 / 7 float32 are not tokens)
+#     18            8  <Q     S  sequence count
+#     26            8  <Q     D  document-index count (documents + 1: the list starts with 0)
+#     34            4*S <i4   sequence_lengths   tokens per sequence
+#     34+4S         8*S <i8   sequence_pointers  BYTE offset of each sequence in .bin
+#     34+12S        8*D <i8   document_indices   0, then the sequence index where each document ends
+#     34+12S+8D     1*S <i1   sequence_modes     multimodal datasets only (not flagged in the
+#                                                header; refused: not token data)
+# ----------------------------------------------------------------------------------------------
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+MEGATRON_VERSION = 1
+MEGATRON_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D
+assert MEGATRON_HEADER.size == 34
+MEGATRON_FLOAT_CODES = {6: "float64", 7: "float32"}
+
+
+@dataclass(frozen=True)
+class MegatronHeader:
+    dtype: str               # token dtype of .bin (little-endian)
+    num_sequences: int       # S
+    num_doc_indices: int     # D = documents + 1
+
+
+def megatron_index_nbytes(num_sequences: int, num_doc_indices: int) -> int:
+    """Exact size of a text (non-multimodal) `.idx` with these header counts."""
+    return MEGATRON_HEADER.size + 12 * num_sequences + 8 * num_doc_indices
+
+
+def pack_megatron_header(dtype: str, num_sequences: int, num_doc_indices: int) -> bytes:
+    return MEGATRON_HEADER.pack(MEGATRON_MAGIC, MEGATRON_VERSION, DTYPE_CODES[dtype],
+                                num_sequences, num_doc_indices)
+
+
+def unpack_megatron_header(raw: bytes, *, path: str, file_size: int) -> MegatronHeader:
+    """Parse the 34-byte header and check it against the `.idx` size; every error names `path`."""
+    if len(raw) < MEGATRON_HEADER.size:
+        raise CorruptShardError(f"{path}: {len(raw)} bytes, shorter than the "
+                                f"{MEGATRON_HEADER.size}-byte MMIDIDX header (truncated file?)")
+    magic, version, code, num_seqs, num_doc_idx = MEGATRON_HEADER.unpack_from(raw)
+    if magic != MEGATRON_MAGIC:
+        raise CorruptShardError(f"{path}: bad magic {magic!r} (expected {MEGATRON_MAGIC!r}); not a "
+                                f"Megatron MMIDIDX index")
+    if version != MEGATRON_VERSION:
+        raise CorruptShardError(f"{path}: MMIDIDX version {version}, only version "
+                                f"{MEGATRON_VERSION} exists")
+    if code in MEGATRON_FLOAT_CODES:
+        raise CorruptShardError(f"{path}: dtype code {code} ({MEGATRON_FLOAT_CODES[code]}) holds "
+                                f"floats, not token ids")
+    if code not in CODE_TO_DTYPE:
+        raise CorruptShardError(f"{path}: unknown dtype code {code}")
+    want = megatron_index_nbytes(num_seqs, num_doc_idx)
+    if file_size != want:
+        hint = ("; that is exactly one extra byte per sequence: a multimodal index with sequence "
+                "modes, which is not token data") if (file_size == want + num_seqs and num_seqs) \
+            else " (truncated, padded, or the header counts are corrupt)"
+        raise CorruptShardError(f"{path}: {file_size} bytes, but the header's {num_seqs} sequences "
+                                f"and {num_doc_idx} document indices need {want}{hint}")
+    if num_doc_idx < 1:
+        raise CorruptShardError(f"{path}: document index count is 0; Megatron indices always "
+                                f"start with a 0 entry")
+    return MegatronHeader(CODE_TO_DTYPE[code], int(num_seqs), int(num_doc_idx))
+
+
+def megatron_array_offsets(h: MegatronHeader) -> dict[str, tuple[int, int, str]]:
+    """Byte offset, element count and numpy dtype of every array of a Megatron `.idx`."""
+    s, d, base = h.num_sequences, h.num_doc_indices, MEGATRON_HEADER.size
+    return {"sequence_lengths": (base, s, "<i4"),
+            "sequence_pointers": (base + 4 * s, s, "<i8"),
+            "document_indices": (base + 12 * s, d, "<i8")}
+
+
+def is_megatron_index(path: str) -> bool:
+    """True if the file at `path` starts with the MMIDIDX magic (reads 9 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MEGATRON_MAGIC)) == MEGATRON_MAGIC
+    except OSError:
+        return False

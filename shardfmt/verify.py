@@ -1,17 +1,24 @@
 """Full verification of a dataset: checksums of every file and a structural scan of every index.
 
 `open_dataset` only checks sizes and headers (cheap, O(shards)); this reads every byte once
-(~1-2 GB/s for the hash, so a 10 GB dataset takes seconds to tens of seconds).
+(~1-2 GB/s for the hash, so a 10 GB dataset takes seconds to tens of seconds). Megatron prefixes
+carry no checksums: their header, file sizes and every index entry are checked instead
+(`MegatronDataset.verify`). `verify_dataset` works on any kind (`shardfmt.protocol`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
-from shardfmt.reader import CorruptShardError, Dataset, _ShardFiles
+from shardfmt.errors import CorruptShardError
+
+if TYPE_CHECKING:  # types only: the reader imports this module
+    from shardfmt.protocol import TokenDataset
+    from shardfmt.reader import _ShardFiles
 
 _CHUNK = 8 << 20
 
@@ -25,7 +32,7 @@ def file_xxh3(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_index_structure(shard: _ShardFiles) -> list[str]:
+def _check_index_structure(shard: "_ShardFiles") -> list[str]:
     """Every invariant of FORMAT.md that the header alone cannot prove (open() has already checked
     what reads rely on: offsets inside the arrays, document lengths summing to each sample's
     length, loss spans inside their sample)."""
@@ -61,19 +68,23 @@ def _check_index_structure(shard: _ShardFiles) -> list[str]:
     return problems
 
 
-def verify_dataset(ds: Dataset) -> list[str]:
-    """Problems found (empty list = the dataset is intact), each naming the file."""
+def verify_shard(shard: "_ShardFiles") -> list[str]:
+    """Checksums of one shard's files against its manifest entry, then its index structure."""
     problems: list[str] = []
-    for shard in ds.shards():
-        for kind, path in (("bin", shard.bin_path), ("idx", shard.idx_path)):
-            want = shard.entry["files"][kind]["xxh3_64"]
-            got = file_xxh3(path)
-            if got != want:
-                problems.append(f"{path}: checksum {got} != manifest {want} (corrupt file)")
-        try:
-            problems += _check_index_structure(shard)
-        except CorruptShardError as err:  # open() refused it; the message names the file
-            problems.append(str(err))
-        except (ValueError, IndexError) as err:
-            problems.append(f"{shard.idx_path}: unreadable index ({err})")
+    for kind, path in (("bin", shard.bin_path), ("idx", shard.idx_path)):
+        want = shard.entry["files"][kind]["xxh3_64"]
+        got = file_xxh3(path)
+        if got != want:
+            problems.append(f"{path}: checksum {got} != manifest {want} (corrupt file)")
+    try:
+        problems += _check_index_structure(shard)
+    except CorruptShardError as err:  # open() refused it; the message names the file
+        problems.append(str(err))
+    except (ValueError, IndexError) as err:
+        problems.append(f"{shard.idx_path}: unreadable index ({err})")
     return problems
+
+
+def verify_dataset(ds: "TokenDataset") -> list[str]:
+    """Problems found (empty list = the dataset is intact), each naming the file. Any kind."""
+    return ds.verify()

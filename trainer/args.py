@@ -95,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("paths")
     g.add_argument("--model_path", required=True, help="HF model dir (weights+tokenizer, or only a "
                    "config with --from_scratch)")
-    g.add_argument("--data_path", nargs="+", required=True, help="one or more shardfmt dataset dirs")
-    g.add_argument("--eval_data_path", nargs="+", default=[], help="shardfmt dataset dir(s) for eval")
+    g.add_argument("--data_path", nargs="+", required=True, metavar="[WEIGHT] PATH",
+                   help="datasets: shardfmt dirs, Megatron .bin/.idx prefixes or dirs of them. "
+                   "`A B`: end to end (a repeated path is read once per repetition); `0.7 A 0.3 B`: "
+                   "weighted mix, each source's share of every global batch within one sample")
+    g.add_argument("--eval_data_path", nargs="+", default=[], metavar="[WEIGHT] PATH",
+                   help="eval datasets, same forms; several are evaluated and logged separately "
+                   "(eval_loss/NAME), weights make eval_loss their weighted mean")
     g.add_argument("--output_path", required=True, help="runs go to OUTPUT/<timestamp>_<save_name>/")
     g.add_argument("--save_name", default=d.save_name)
     g.add_argument("--no_timestamp", action="store_true", help="run dir is OUTPUT/<save_name>/")
@@ -200,13 +205,7 @@ def _check_paths(args: TrainArgs, problems: list[str]) -> None:
     model = Path(args.model_path)
     if not (model / "config.json").is_file():
         problems.append(f"--model_path {model}: no config.json there (expected a Hugging Face model dir)")
-    for flag, paths in (("--data_path", args.data_path), ("--eval_data_path", args.eval_data_path)):
-        for p in paths:
-            if not Path(p).is_dir():
-                problems.append(f"{flag} {p}: not a directory")
-            elif not (Path(p) / "manifest.json").is_file():
-                problems.append(f"{flag} {p}: no manifest.json (an unfinished or failed encode; "
-                                f"re-run the encoder, a dataset is complete only with its manifest)")
+    problems += data_path_problems(args)
     for flag, p in (("--deepspeed_config_path", args.deepspeed_config_path),
                     ("--lora_config_path", args.lora_config_path)):
         if p is not None and not Path(p).is_file():
@@ -222,6 +221,25 @@ def _check_paths(args: TrainArgs, problems: list[str]) -> None:
         problem = _unwritable(Path(args.output_path))
         if problem:
             problems.append(f"--output_path {args.output_path}: {problem}")
+
+
+def data_path_problems(args: TrainArgs) -> list[str]:
+    """--data_path / --eval_data_path: the mix syntax (shardfmt.mixing) and every path's kind
+    (shardfmt dir, Megatron prefix, dir of Megatron pairs), from a few stat calls."""
+    from shardfmt.errors import MixSpecError
+    from shardfmt.mixing import parse_mix
+    from shardfmt.sources import path_problem
+    problems = []
+    for flag, tokens in (("--data_path", args.data_path), ("--eval_data_path", args.eval_data_path)):
+        if not tokens:
+            continue
+        try:
+            entries = parse_mix(tokens, flag=flag)
+        except MixSpecError as err:
+            problems.append(str(err))
+            continue
+        problems += [f"{flag} {problem}" for e in entries if (problem := path_problem(e.path))]
+    return problems
 
 
 def _unwritable(path: Path) -> str | None:

@@ -60,7 +60,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
+    def forward(ctx, hidden, weight, targets, chunk_rows, row_losses=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -70,7 +70,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             t = targets[start:start + chunk_rows]
             z = (h @ weight.t()).float()                      # rows x V logits
             lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+            rows = lse - z.gather(1, t[:, None]).squeeze(1)
+            total += rows.sum()
+            if row_losses is not None:  # per-row losses on the side (per-source logging)
+                row_losses[start:start + chunk_rows] = rows
             if need_h or need_w:
                 z.sub_(lse[:, None]).exp_()                    # softmax, in place
                 z[torch.arange(t.shape[0], device=z.device), t] -= 1.0  # d loss / d logits
@@ -91,19 +94,29 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_h = grad_h.mul_(scale.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(scale.to(grad_w.dtype))
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                             chunk_rows: int | None = None) -> torch.Tensor:
+                             chunk_rows: int | None = None,
+                             row_losses: torch.Tensor | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets, reduction="sum")` without the N x V logits.
 
     hidden: N x H, weight: V x H (a bias-free output layer), targets: N class ids (no -100: select
     the labelled rows first). chunk_rows defaults to CHUNK_ELEMENTS // V. Backward once only.
+    row_losses (optional, N fp32): filled with each row's loss, outside autograd.
     """
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows, row_losses)
+
+
+def _add_group_sums(group_sums: torch.Tensor, losses: torch.Tensor, groups: torch.Tensor) -> None:
+    """group_sums[g] += sum of `losses` whose group is g (groups < 0 are skipped)."""
+    keep = groups.to(losses.device) >= 0
+    group_sums.index_add_(0, groups.to(losses.device)[keep].to(group_sums.device),
+                          losses.detach()[keep].to(device=group_sums.device,
+                                                    dtype=group_sums.dtype))
 
 
 def fused_head_problem(model: torch.nn.Module, *, zero3: bool = False) -> str | None:
@@ -129,16 +142,33 @@ def fused_head_problem(model: torch.nn.Module, *, zero3: bool = False) -> str | 
 
 
 def forward_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, *,
-                     fused: bool) -> torch.Tensor:
+                     fused: bool, token_groups: torch.Tensor | None = None,
+                     group_sums: torch.Tensor | None = None) -> torch.Tensor:
     """Run `model(**inputs)` and return the summed next-token loss over labels != -100.
 
     fused=True (only where `fused_head_problem(model)` is None): a forward pre-hook on the output
     layer takes its input hidden states, computes the loss from them and the layer's weight (inside
     the layer's call, so ZeRO-3 has gathered the weight), and hands the layer zero positions, so
     the model returns empty logits.
+
+    token_groups (same shape as labels, -1 = none) with group_sums (G,): the loss is also summed
+    per group of the predicted token (per data source), into group_sums, without gradients. The
+    returned loss is computed exactly as without them. Cost: nothing with the fused head; one
+    extra no-grad cross-entropy over the logits otherwise.
     """
+    next_groups = None
+    if token_groups is not None and group_sums is not None:
+        next_groups = F.pad(token_groups, (0, 1), value=-1)[:, 1:].to(labels.device)
     if not fused:
-        return token_loss_sum(model(**inputs).logits, labels)
+        logits = model(**inputs).logits
+        loss = token_loss_sum(logits, labels)
+        if next_groups is not None:
+            with torch.no_grad():
+                per = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                      next_token_labels(labels).reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="none")
+            _add_group_sums(group_sums, per, next_groups.reshape(-1))
+        return loss
     base = getattr(model, "module", model)
     head = base.get_output_embeddings()
     next_labels = next_token_labels(labels)
@@ -147,7 +177,13 @@ def forward_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.Tensor,
 
     def loss_from_hidden(module, args):
         hidden = args[0]
-        captured.append(linear_cross_entropy_sum(hidden[keep], module.weight, next_labels[keep]))
+        rows = None
+        if next_groups is not None:
+            rows = torch.zeros(int(keep.sum()), dtype=torch.float32, device=hidden.device)
+        captured.append(linear_cross_entropy_sum(hidden[keep], module.weight, next_labels[keep],
+                                                 row_losses=rows))
+        if rows is not None:
+            _add_group_sums(group_sums, rows, next_groups[keep])
         return (hidden[:, :0],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(loss_from_hidden)

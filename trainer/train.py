@@ -38,6 +38,7 @@ class RunState:
     consumed_samples: int = 0
     loss_history: list[dict] = field(default_factory=list)
     eval_history: list[dict] = field(default_factory=list)
+    source_samples: list[int] = field(default_factory=list)  # samples seen per --data_path source
 
 
 def total_steps_for(args: TrainArgs, num_samples: int, global_batch: int) -> int:
@@ -71,7 +72,7 @@ class Trainer:
     """Holds everything built before step 1; `run()` is the loop."""
 
     def __init__(self, args: TrainArgs):
-        from shardfmt import GlobalSampler, open_dataset, vocab_hash
+        from shardfmt import vocab_hash
         from transformers import AutoConfig
 
         from trainer import checkpoint as ckpt_mod
@@ -86,12 +87,20 @@ class Trainer:
         self.ckpt = ckpt_mod.resolve_checkpoint(args.load_ckpt_path) if args.load_ckpt_path else None
         self.ckpt_state = ckpt_mod.read_state(self.ckpt) if self.ckpt else None
 
-        # ---- data
-        self.train_ds = open_dataset(args.data_path)
-        self.eval_ds = open_dataset(args.eval_data_path) if args.eval_data_path else None
-        manifests = self.train_ds.manifests + (self.eval_ds.manifests if self.eval_ds else [])
+        # ---- data (any kind; several sources, maybe weighted: trainer/data.py)
+        from trainer.data import open_sources
+        self.train_data = open_sources(args.data_path, flag="--data_path")
+        self.eval_data = (open_sources(args.eval_data_path, flag="--eval_data_path")
+                          if args.eval_data_path else None)
+        self.train_ds = self.train_data.dataset
+        self.eval_ds = self.eval_data.dataset if self.eval_data else None
+        # (path, manifest) of every shardfmt source; Megatron data has no manifest (no tokenizer
+        # identity to check: only its id range is, against the embedding)
+        sources = self.train_data.sources + (self.eval_data.sources if self.eval_data else [])
+        described = [(p, m) for src in sources for p, m in zip(src.paths, src.manifests)]
+        manifests = [m for _, m in described]
         self.prompt_format = ckpt_mod.prompt_format_of(manifests)
-        data_paths = list(args.data_path) + list(args.eval_data_path)
+        data_paths = [p for p, _ in described]
 
         # ---- tokenizer (from the checkpoint on resume: it holds the added tokens)
         tok_src = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else args.model_path
@@ -168,13 +177,17 @@ class Trainer:
                 model.print_trainable_parameters()
 
         self.fused_loss = self._choose_fused_loss(model)
+        self.source_window: dict[str, list[float]] = {}  # per-source [loss sum, loss tokens]
 
         # ---- optimizer, schedule, engine
         self.engine = self._build_engine(model)
 
         # ---- state and data position
-        self.state = RunState()
-        self.sampler = GlobalSampler(len(self.train_ds), seed=args.seed, shuffle=args.shuffle_data)
+        from trainer.data import build_train_sampler
+        self.state = RunState(source_samples=[0] * len(self.train_data.sources))
+        self.sampler = build_train_sampler(
+            self.train_data, global_batch=self.global_batch, seed=args.seed,
+            shuffle=args.shuffle_data, saved_state=(self.ckpt_state or {}).get("sampler"))
         if self.ckpt is not None:
             self._restore()
         self.run_dir = ckpt_mod.make_run_dir(args.output_path, args.save_name, args.no_timestamp, info)
@@ -271,7 +284,9 @@ class Trainer:
                         st.get("total_steps"), self.total_steps)
         self.state = RunState(step=st["step"], consumed_samples=st["consumed_samples"],
                               loss_history=list(st.get("loss_history", [])),
-                              eval_history=list(st.get("eval_history", [])))
+                              eval_history=list(st.get("eval_history", [])),
+                              source_samples=list(st.get("source_samples")
+                                                  or self.state.source_samples))
         self._rng_restored = load_rng(ckpt, info.rank)
         if not self._rng_restored and info.is_main:
             log.warning("no RNG state for rank %d in %s; dropout streams differ from the "
@@ -279,7 +294,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
     def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
-        """One optimizer step over `gas` micro-batches; returns (global mean loss, global loss tokens)."""
+        """One optimizer step over `gas` micro-batches; returns (global mean loss, global loss tokens).
+        With several sources, also adds this step's per-source sums to `self.source_window`."""
+        import torch
+
         from trainer.data import count_loss_tokens, model_inputs
         from trainer.dist import all_reduce_sum
         from trainer.loss import forward_loss_sum
@@ -289,43 +307,95 @@ class Trainer:
         # DeepSpeed averages gradients over ranks; scale_wrt_gas=False stops the 1/gas division.
         scale = info.world_size / max(global_count, 1.0)
         local_sum = 0.0
+        num_sources = len(self.train_data.sources)
+        per_source = torch.zeros(num_sources, dtype=torch.float64) if num_sources > 1 else None
         for batch in micro_batches:
             loss_sum = forward_loss_sum(engine, model_inputs(batch, self.attn, self.dtype, info.device),
-                                        batch["labels"].to(info.device), fused=self.fused_loss)
+                                        batch["labels"].to(info.device), fused=self.fused_loss,
+                                        token_groups=batch.get("source_ids"), group_sums=per_source)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
             local_sum += float(loss_sum.detach())
         (global_sum,) = all_reduce_sum([local_sum], info.device)
+        if per_source is not None:
+            self._add_source_stats(micro_batches, per_source)
         return global_sum / max(global_count, 1.0), int(global_count)
 
+    def _add_source_stats(self, micro_batches: list[dict], loss_sums) -> None:
+        """All-reduce this step's per-source loss sums, loss tokens and samples into the window."""
+        import numpy as np
+
+        from trainer.data import IGNORE_INDEX
+        from trainer.dist import all_reduce_sum
+        k = len(self.train_data.sources)
+        tokens, samples = np.zeros(k), np.zeros(k)
+        for b in micro_batches:
+            src = b["source_ids"][b["labels"] != IGNORE_INDEX]
+            tokens += np.bincount(src.numpy(), minlength=k)
+            samples += np.bincount(b["source_samples"], minlength=k)
+        totals = all_reduce_sum(loss_sums.tolist() + tokens.tolist() + samples.tolist(),
+                                self.info.device)
+        for name, i in zip(self.train_data.names, range(k)):
+            w = self.source_window.setdefault(name, [0.0, 0.0])
+            w[0] += totals[i]
+            w[1] += totals[k + i]
+            self.state.source_samples[i] += int(round(totals[2 * k + i]))
+
+    def source_metrics(self) -> dict:
+        """Per-source loss (over the logging window), samples seen and epochs, for the log."""
+        out = {}
+        for i, (name, size) in enumerate(zip(self.train_data.names, self.train_data.sizes)):
+            loss_sum, count = self.source_window.get(name, (0.0, 0.0))
+            out[f"loss/{name}"] = loss_sum / count if count else None
+            out[f"loss_tokens/{name}"] = int(count)
+            out[f"samples_seen/{name}"] = self.state.source_samples[i]
+            out[f"epoch/{name}"] = self.state.source_samples[i] / size
+        self.source_window = {}
+        return out
+
     def evaluate(self) -> dict:
+        """Loss over every --eval_data_path source; with several, also each source's own loss
+        (`eval_loss/<name>`). The overall eval_loss is over all loss tokens, or with weights
+        (`0.5 A 0.5 B`) the weighted mean of the sources' losses."""
         import torch
 
-        from trainer.data import eval_batches, eval_shard
+        from trainer.data import count_loss_tokens, eval_batches, eval_shard, model_inputs
         from trainer.dist import all_reduce_sum
-        info, engine = self.info, self.engine
-        shard = eval_shard(len(self.eval_ds), info.rank, info.world_size, self.args.micro_batch_size)
-        total, count = 0.0, 0
+        from trainer.loss import forward_loss_sum
+        info, engine, data = self.info, self.engine, self.eval_data
+        sums = []
         engine.eval()
         with torch.no_grad():
-            from trainer.data import count_loss_tokens, model_inputs
-            from trainer.loss import forward_loss_sum
-            for batch in eval_batches(self.eval_ds, shard, micro_batch_size=self.args.micro_batch_size,
-                                      pad_id=self.pad_id, flatten=self.flatten):
-                total += float(forward_loss_sum(
-                    engine, model_inputs(batch, self.attn, self.dtype, info.device),
-                    batch["labels"].to(info.device), fused=self.fused_loss))
-                count += count_loss_tokens(batch)
+            for source in data.sources:
+                shard = eval_shard(len(source), info.rank, info.world_size, self.args.micro_batch_size)
+                total, count = 0.0, 0
+                for batch in eval_batches(source, shard, micro_batch_size=self.args.micro_batch_size,
+                                          pad_id=self.pad_id, flatten=self.flatten):
+                    total += float(forward_loss_sum(
+                        engine, model_inputs(batch, self.attn, self.dtype, info.device),
+                        batch["labels"].to(info.device), fused=self.fused_loss))
+                    count += count_loss_tokens(batch)
+                sums += [total, count]
         engine.train()
-        total, count = all_reduce_sum([total, count], info.device)
-        loss = total / max(count, 1.0)
-        return {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                "eval_loss_tokens": int(count)}
+        sums = all_reduce_sum(sums, info.device)
+        losses = [t / max(c, 1.0) for t, c in zip(sums[0::2], sums[1::2])]
+        counts = [int(c) for c in sums[1::2]]
+        if data.weights is not None:
+            loss = sum(w * l for w, l in zip(data.weights, losses))
+        else:
+            loss = sum(sums[0::2]) / max(sum(counts), 1.0)
+        result = {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                  "eval_loss_tokens": sum(counts)}
+        if len(data.sources) > 1:
+            for name, l, c in zip(data.names, losses, counts):
+                result[f"eval_loss/{name}"] = l
+                result[f"eval_loss_tokens/{name}"] = c
+        return result
 
     def trainer_state(self) -> dict:
         s = self.state
         return {"step": s.step, "epoch": s.consumed_samples / len(self.train_ds),
-                "consumed_samples": s.consumed_samples,
+                "consumed_samples": s.consumed_samples, "source_samples": s.source_samples,
                 "sampler": self.sampler.state_dict(s.consumed_samples),
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "loss_history": s.loss_history,
@@ -369,10 +439,11 @@ class Trainer:
         from trainer.data import train_loader
         from trainer.metrics import Reporter
         a, info, st = self.args, self.info, self.state
+        several = len(self.train_data.sources) > 1
         loader = train_loader(self.train_ds, self.sampler, start=st.consumed_samples, rank=info.rank,
                               world_size=info.world_size, micro_batch_size=a.micro_batch_size,
                               pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
-                              seed=a.seed)
+                              seed=a.seed, source_starts=self.train_data.starts if several else None)
         rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
                        initial_step=st.step, tensorboard=a.report_to == "tensorboard")
         if info.is_main:
@@ -407,7 +478,8 @@ class Trainer:
                          "grad_norm": None if grad_norm is None else float(grad_norm),
                          "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
                          "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
-                         "samples_seen": st.consumed_samples})
+                         "samples_seen": st.consumed_samples,
+                         **(self.source_metrics() if several else {})})
                 window = dict.fromkeys(window, 0)
             if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
                 self._eval_and_log(rep)
