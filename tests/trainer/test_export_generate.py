@@ -131,6 +131,7 @@ def test_generate_without_prompt_format_continues_plain_text(assets, capsys):
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):]
     want = [t for t in want.tolist() if t != tok.eos_token_id]
     assert out.splitlines()[-1].endswith(tok.decode(want, skip_special_tokens=True))
+    capsys.readouterr()
     assert generate_main(["--model", str(assets["llama"]), "--prompt", "w1",
                           "--template", "nope"]) == 2
     err = capsys.readouterr().err.strip()
