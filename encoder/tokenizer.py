@@ -306,7 +306,7 @@ class Extension:
     base_len: int
     new_len: int
     added: list[str]
-    skipped_unreachable: list[str]
+    helpers: list[str]              # prefixes added so that BPE can build a requested piece
     kind: str                       # "sentencepiece" | "byte-level BPE"
 
 
@@ -394,17 +394,32 @@ def _byte_level_table() -> dict[int, str]:
     return table
 
 
-def derived_merges(pieces: list[str], vocab: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Every split of each piece into two known pieces (SentencePieceExtractor's rule), in piece
-    order; pieces with no such split cannot be produced by BPE and are returned separately."""
-    merges, unreachable = [], []
+def derived_merges(pieces: list[str], vocab: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(pieces in id order, merges) for `pieces`: every split of a piece into two known pieces
+    (SentencePieceExtractor's rule). A piece with no such split gets its prefix added first
+    (recursively), so BPE can build it; those helper pieces are returned in the order too."""
+    known = set(vocab)
+    order: list[str] = []
+    merges: list[tuple[str, str]] = []
+
+    def ensure(piece: str) -> None:
+        if piece in known:
+            return
+        if len(piece) > 1:
+            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                      if piece[:k] in known and piece[k:] in known]
+            if not splits:
+                ensure(piece[:-1])
+                ensure(piece[-1])
+                splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                          if piece[:k] in known and piece[k:] in known]
+            merges.extend(splits)
+        known.add(piece)
+        order.append(piece)
+
     for piece in pieces:
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                  if piece[:k] in vocab and piece[k:] in vocab]
-        if len(piece) > 1 and not splits:
-            unreachable.append(piece)
-        merges.extend(splits)
-    return merges, unreachable
+        ensure(piece)
+    return order, merges
 
 
 def extend_tokenizer(base: Path, out: Path, *, corpus: Corpus | None = None,
@@ -426,22 +441,17 @@ def extend_tokenizer(base: Path, out: Path, *, corpus: Corpus | None = None,
         single = set()
     added = [p for p in dict.fromkeys(candidates) if p not in ids and p not in single
              and p not in BYTE_PIECES]
-    known = set(vocab) | set(added)
     if trained_merges is not None:
-        new_set = set(added)
+        new_set, known = set(added), set(vocab) | set(added)
         merges = [(a, b) for a, b in trained_merges if a + b in new_set and a in known and b in known]
         reachable = {a + b for a, b in merges}
-        unreachable = [p for p in added if len(p) > 1 and p not in reachable]
-        if unreachable:  # built from pieces dropped above; fall back to the split rule
-            extra, unreachable = derived_merges(unreachable, known)
+        if any(len(p) > 1 and p not in reachable for p in added):
+            # built from pieces the base lacks that were not kept: derive (rare)
+            added, extra = derived_merges(added, set(vocab))
             merges += extra
     else:
-        merges, unreachable = derived_merges(added, known)
-    if kind == "byte-level BPE":
-        unreachable += [p for p in added if len(p) == 1]
-    bad = set(unreachable)
-    added = [p for p in added if p not in bad]
-    merges = [(a, b) for a, b in merges if a + b not in bad]
+        added, merges = derived_merges(added, set(vocab))
+    helpers = [p for p in added if p not in set(candidates)]
     for k, piece in enumerate(added):
         vocab[piece] = next_id + k
     existing = set(_merge_pairs(data))
@@ -457,7 +467,7 @@ def extend_tokenizer(base: Path, out: Path, *, corpus: Corpus | None = None,
     if kind == "sentencepiece" and (base / "tokenizer.model").is_file():
         merge_sentencepiece_model(base / "tokenizer.model", out / "tokenizer.model", added)
     return Extension(base_len=len(ids), new_len=len(ids) + len(added), added=added,
-                     skipped_unreachable=unreachable, kind=kind)
+                     helpers=helpers, kind=kind)
 
 
 def merge_sentencepiece_model(base_model: Path, out_model: Path, pieces: list[str]) -> None:
@@ -568,6 +578,9 @@ def run_train(args) -> None:
     print(f"trained {kind}, {len(hf)} tokens, on {corpus.rows} rows ({corpus.train_chars} chars "
           f"trained) in {time.perf_counter() - t0:.1f}s -> {out}"
           + (" (+ tokenizer.model)" if wrote_model else ""))
+    if len(hf) < args.vocab_size:
+        print(f"note: {len(hf)} < --vocab_size {args.vocab_size}: the corpus has no more pairs "
+              f"worth merging")
     texts, where = heldout_texts(corpus)
     _print_density(f"{where}", measure(Tokenizer.from_file(str(out / "tokenizer.json")), texts))
 
@@ -603,10 +616,9 @@ def run_extend(args) -> None:
     print(f"extended {ext.kind} tokenizer {base}: {ext.base_len} -> {ext.new_len} tokens "
           f"(+{len(ext.added)}) in {time.perf_counter() - t0:.1f}s -> {out}")
     print(f"verified: all {n_base} base tokens keep their ids (loaded back with AutoTokenizer)")
-    if ext.skipped_unreachable:
-        print(f"warning: {len(ext.skipped_unreachable)} pieces not added: no split into two known "
-              f"pieces, so BPE could never produce them (e.g. {ext.skipped_unreachable[:5]})",
-              file=sys.stderr)
+    if ext.helpers:
+        print(f"note: {len(ext.helpers)} helper pieces were added so that BPE can build the "
+              f"requested ones (e.g. {ext.helpers[:5]})")
     if corpus is not None:
         texts, where = heldout_texts(corpus)
         before = measure(Tokenizer.from_file(str(base / "tokenizer.json")), texts)
