@@ -88,7 +88,10 @@ def piece_ids(model_tokenizer, token: str, limit: int) -> list[int]:
     else:  # a slow tokenizer: through text
         text = model_tokenizer.convert_tokens_to_string([token])
         ids = model_tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids and max(ids) < limit else []
+    unk = getattr(model_tokenizer, "unk_token_id", None)
+    if not ids or max(ids) >= limit or (unk is not None and unk in ids and token != model_tokenizer.unk_token):
+        return []  # no pieces, or an unknown piece: the caller falls back to the mean
+    return ids
 
 
 def _gathered(params, zero3: bool):
