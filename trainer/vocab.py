@@ -72,8 +72,10 @@ class Resize:
 
     def message(self) -> str:
         heads = "input embedding (tied output)" if self.tied else "input and output embeddings"
-        detail = (f"{self.decomposed} rows from their pieces, {self.mean_fallback} rows the mean "
-                  f"(no pieces)" if self.init == "decompose" else "every new row = mean of the old rows")
+        detail = {"decompose": f"{self.decomposed} rows from their pieces, {self.mean_fallback} "
+                               f"rows the mean (no pieces)",
+                  "random": "the model's own random initialisation"}.get(
+                      self.init, "every new row = mean of the old rows")
         return (f"resizing {heads}: {self.from_rows} -> {self.to_rows} rows "
                 f"(+{self.to_rows - self.from_rows}); init {self.init} ({self.why}): {detail}")
 
@@ -116,8 +118,8 @@ def grow_embeddings(model, rows: int, *, init: str, why: str, model_tokenizer=No
     resize = Resize(from_rows=old, to_rows=rows, init=init, why=why, tied=tied)
     with _gathered([p for p in (emb, out) if p is not None], zero3):
         for weight in (emb, out):
-            if weight is None or weight.numel() == 0:
-                continue
+            if weight is None or weight.numel() == 0 or init == "random":
+                continue  # random: --from_scratch keeps the model's own initialisation
             mean = weight[:old].float().mean(dim=0)
             weight[old:] = mean.to(weight.dtype)
             if init != "decompose":
