@@ -17,9 +17,9 @@ out="${1:-out/extend_vocab}"
 shared="${SHARED:-$root/../shared}"
 py="${PYTHON:-$root/.venv/bin/python}"
 if [ "$quick" = 1 ]; then
-    vocab=3000; pt_steps=4; sft_steps=4; max_len=128; batch=2
+    vocab=3000; pt_steps=10; sft_steps=10; max_len=128; sft_len=768; batch=2; lr=1e-2
 else
-    vocab=20000; pt_steps=150; sft_steps=150; max_len=256; batch=8
+    vocab=20000; pt_steps=150; sft_steps=150; max_len=256; sft_len=768; batch=8; lr=2e-3
 fi
 start=$(date +%s)
 rm -rf "$out"
@@ -45,7 +45,7 @@ echo "== 4. continued pretraining: LoRA + new rows"
 "$py" trainer/train.py --model_path "$out/base" --tokenizer_path "$out/tokenizer_zh" \
     --data_path "$out/data/zh_pretrain" --output_path "$out/runs" --save_name pretrain \
     --no_timestamp --use_lora --max_steps "$pt_steps" --micro_batch_size "$batch" \
-    --learning_rate 2e-3 --lr_scheduler cosine --logging_steps 10
+    --learning_rate "$lr" --lr_scheduler cosine --logging_steps 10
 
 echo "== 5. merge"
 "$py" -m trainer.export --checkpoint "$out/runs/pretrain" --output "$out/model_pretrained"
@@ -55,10 +55,10 @@ echo "== 6. SFT on alpaca_zh (LoRA)"
     --data_loader_path encoder/user_data_loader/alpaca.py \
     --data_loader_args "path=$shared/data/alpaca_zh_demo.json" \
     --corpus_name alpaca_zh --encode_type qa --template alpaca --output_path "$out/data" \
-    --max_length "$max_len" --merge_data
+    --max_length "$sft_len" --merge_data
 "$py" trainer/train.py --model_path "$out/model_pretrained" --data_path "$out/data/alpaca_zh" \
     --output_path "$out/runs" --save_name sft --no_timestamp --use_lora \
-    --max_steps "$sft_steps" --micro_batch_size "$batch" --learning_rate 2e-3 --logging_steps 10
+    --max_steps "$sft_steps" --micro_batch_size "$batch" --learning_rate "$lr" --logging_steps 10
 
 echo "== 7. merge"
 "$py" -m trainer.export --checkpoint "$out/runs/sft" --output "$out/model_sft"
