@@ -205,3 +205,20 @@ def test_lora_on_extended_tokenizer_end_to_end(llama2_ext, tmp_path):
     from trainer.generate import main as generate_main
     assert generate_main(["--model", str(merged_dir), "--prompt", "孙悟空",
                           "--max_new_tokens", "4"]) == 0
+
+
+def test_mismatch_message_gives_true_sizes(assets):
+    """A tokenizer with one manifest token added is reported as N tokens (+1), not as N+1."""
+    from transformers import AutoTokenizer
+
+    from trainer.model import DataModelMismatch, add_manifest_tokens, check_tokenizer_matches
+    tok = AutoTokenizer.from_pretrained(assets["llama"])
+    n = len(tok)
+    add_manifest_tokens(tok, {"<extra>": n})
+    manifests = [{"tokenizer": {"vocab_hash": "deadbeef", "path": "zh_tok", "len": 55296}}]
+    with pytest.raises(DataModelMismatch) as e:
+        check_tokenizer_matches(tok, manifests, ["d"], set(), ignore=False, loaded_len=n,
+                                source="MODEL")
+    msg = str(e.value)
+    assert "'zh_tok' (55296 tokens" in msg and f"(MODEL: {n} tokens, {n + 1} with the 1 added" in msg
+    assert "--tokenizer_path DIR" in msg
