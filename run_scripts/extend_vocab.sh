@@ -32,7 +32,8 @@ echo "== 1. extend llama2 with Chinese pieces"
     --vocab_size "$vocab" --output "$out/tokenizer_zh"
 
 echo "== 2. tiny Llama base (llama2 vocabulary)"
-"$py" run_scripts/tiny_model.py --tokenizer "$shared/tokenizers/llama2" --output "$out/base"
+"$py" run_scripts/tiny_model.py --tokenizer "$shared/tokenizers/llama2" --output "$out/base" \
+    --max_positions 1024
 
 echo "== 3. encode the book with the extended tokenizer"
 "$py" encoder/main.py --tokenizer_path "$out/tokenizer_zh" \
