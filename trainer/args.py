@@ -23,6 +23,7 @@ QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 + double quantisation / LLM
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 REPORT_TO = ("none", "tensorboard")
+NEW_TOKEN_INITS = ("auto", "mean", "decompose")
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -73,6 +74,8 @@ class TrainArgs:
     rope_scaling: str | None = None
     rope_factor: float | None = None
     original_max_positions: int | None = None
+    tokenizer_path: str | None = None
+    new_token_init: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "modules_to_save")
     g.add_argument("--add_tokens", nargs="*", default=[], help="special tokens to add (comma or space "
                    "separated); tokens in the dataset manifest are added too")
+    g.add_argument("--tokenizer_path", default=None, help="the tokenizer the data was encoded "
+                   "with, when it is not the model's; if it extends the model's tokenizer the "
+                   "embeddings grow to it")
+    g.add_argument("--new_token_init", choices=NEW_TOKEN_INITS, default=d.new_token_init,
+                   help="new embedding rows: decompose = mean of the rows of the pieces the "
+                   "model's tokenizer splits the token into; mean = mean of all rows; auto = "
+                   "decompose when the model's own tokenizer is known, else mean")
     g.add_argument("--ignore_tokenizer_mismatch", action="store_true",
                    help="train even if the dataset was encoded with a different tokenizer")
     g = p.add_argument_group("saving and logging")
@@ -215,6 +225,11 @@ def _check_paths(args: TrainArgs, problems: list[str]) -> None:
                 json.loads(Path(p).read_text())
             except ValueError as e:
                 problems.append(f"{flag} {p}: not valid JSON ({e})")
+    if args.tokenizer_path is not None and not (
+            Path(args.tokenizer_path, "tokenizer.json").is_file()
+            or Path(args.tokenizer_path, "tokenizer_config.json").is_file()):
+        problems.append(f"--tokenizer_path {args.tokenizer_path}: no tokenizer.json or "
+                        f"tokenizer_config.json there (expected a Hugging Face tokenizer dir)")
     if args.load_ckpt_path is not None and not Path(args.load_ckpt_path).exists():
         problems.append(f"--load_ckpt_path {args.load_ckpt_path}: not found")
     if args.output_path:

@@ -73,12 +73,7 @@ def _base_for_adapter(ckpt: Path, base_path: str, *, dtype: torch.dtype, load_kw
                                         original_max_positions=run.get("original_max_positions"))
     base = AutoModelForCausalLM.from_pretrained(base_path, config=config, dtype=dtype, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    rows = base.get_input_embeddings().weight.shape[0]
-    saved_rows = _adapter_vocab_rows(ckpt)
-    if saved_rows and saved_rows != rows:
-        base.resize_token_embeddings(saved_rows, mean_resizing=False)  # rows come from the adapter
-    elif len(tokenizer) > rows:
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    grow_like_training(base, ckpt, base_path, tokenizer)  # rows and init as in training
     return base, tokenizer
 
 
@@ -113,6 +108,22 @@ def quantized_logit_diff(ckpt: Path, merged, *, base_model: str | None, quantiza
         got = quantized(ids.to(device)).logits.float()
     merged.to("cpu")
     return float((want - got).abs().max())
+
+
+def grow_like_training(base, ckpt: Path, base_path: str, tokenizer) -> None:
+    """Resize the LoRA base to the adapter's rows with the run's new-row init (trainer/vocab.py),
+    so rows the adapter does not hold are what training started from."""
+    from trainer.model import load_tokenizer
+    from trainer.vocab import resize_like_training
+    rows = base.get_input_embeddings().weight.shape[0]
+    target = _adapter_vocab_rows(ckpt) or max(rows, len(tokenizer))
+    resolved = ckpt / "resolved_config.json"
+    resolved = json.loads(resolved.read_text()) if resolved.is_file() else None
+    if target > rows:
+        resize_like_training(base, resolved, rows=target, model_tokenizer=load_tokenizer(base_path),
+                             tokenizer=tokenizer)
+    elif target < rows:
+        base.resize_token_embeddings(target, mean_resizing=False)
 
 
 def _adapter_vocab_rows(ckpt: Path) -> int | None:

@@ -38,8 +38,7 @@ def load_prompt_format(*dirs: Path | None, template: str | None) -> dict:
             return {**fmt, "template": template or fmt["template"]}
     if template:
         return {"encode_type": "qa", "template": template, "max_length": 1 << 20}
-    raise FileNotFoundError(f"no {PROMPT_FORMAT} in {[str(d) for d in dirs if d]}: pass "
-                            f"--template NAME (the --template the data was encoded with)")
+    return {"encode_type": "pretrain", "template": None}  # a pretrain model: plain continuation
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None):
@@ -52,8 +51,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        from trainer.export import grow_like_training
+        grow_like_training(model, adapter_dir, str(model_dir), tokenizer)
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model, tokenizer, tok_dir
@@ -87,11 +86,20 @@ def row_messages(row: dict | str, system: str | None = None) -> tuple[list[dict]
     return msgs + [{"role": "user", "content": row["q"]}], row.get("a")
 
 
+class PlainText:
+    """Stands in for the prompt encoder when continuing plain text: stop at EOS only."""
+    end_ids: list[int] = []
+
+
 @torch.no_grad()
 def generate_one(model, tokenizer, encoder, messages: list[dict], *, max_new_tokens: int,
                  temperature: float, stream: bool) -> tuple[str, list[int]]:
     from transformers import TextStreamer
-    prompt = encoder.encode_prompt(messages)
+    if encoder is None:  # pretrain: the text itself, with the tokenizer's own BOS convention
+        prompt = tokenizer(messages[-1]["content"])["input_ids"]
+        encoder = PlainText()
+    else:
+        prompt = encoder.encode_prompt(messages)
     stop = list(dict.fromkeys(encoder.end_ids + ([tokenizer.eos_token_id]
                                                  if tokenizer.eos_token_id is not None else [])))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -127,13 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model_dir = Path(args.model)
     adapter_dir = Path(args.adapter) if args.adapter else None
+    from encoder.templates import TEMPLATE_NAMES
+    if args.template is not None and args.template not in TEMPLATE_NAMES:  # before any loading
+        print(f"generate: --template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}",
+              file=sys.stderr)
+        return 2
     try:
         fmt = load_prompt_format(adapter_dir, model_dir, template=args.template)
         model, tokenizer, tok_dir = load_model(model_dir, adapter_dir)
+        # TemplateError (a ValueError) for a bad --template: one line, exit 2
+        encoder = make_prompt_encoder(tokenizer, tok_dir, fmt) if fmt["template"] else None
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"generate: {err}", file=sys.stderr)
-        return 1
-    encoder = make_prompt_encoder(tokenizer, tok_dir, fmt)
+        return 2
+    if encoder is None:
+        print(f"generate: no {PROMPT_FORMAT} in {args.adapter or args.model} (a pretrain model): "
+              f"continuing the prompts as plain text; pass --template NAME for a chat/qa model",
+              file=sys.stderr)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if args.prompts_file:
         rows = [json.loads(line) for line in Path(args.prompts_file).read_text().splitlines()

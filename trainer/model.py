@@ -132,11 +132,18 @@ def add_manifest_tokens(tokenizer, manifest_tokens: dict[str, int]) -> list[int]
 
 
 def check_tokenizer_matches(tokenizer, manifests: list[dict], data_paths: list[str],
-                            accepted_hashes: set[str], ignore: bool) -> None:
+                            accepted_hashes: set[str], ignore: bool, *,
+                            loaded_len: int | None = None, source: str | None = None) -> None:
     """Each manifest's vocab hash must be one of the model tokenizer's: as loaded, with the
-    manifest's added tokens, or with --add_tokens too."""
+    manifest's added tokens, or with --add_tokens too. `loaded_len`: its size as loaded, before
+    those additions (the message gives true sizes)."""
     if tokenizer is None:
         return
+    loaded_len = len(tokenizer) if loaded_len is None else loaded_len
+    extra = len(tokenizer) - loaded_len
+    ours_desc = (f"{source + ': ' if source else ''}{loaded_len} tokens"
+                 + (f", {len(tokenizer)} with the {extra} added from the manifests/--add_tokens"
+                    if extra else ""))
     ours = set(accepted_hashes) | {vocab_hash(tokenizer.get_vocab())}
     for path, m in zip(data_paths, manifests):
         info = m.get("tokenizer") or {}
@@ -144,10 +151,12 @@ def check_tokenizer_matches(tokenizer, manifests: list[dict], data_paths: list[s
         if theirs is None:
             log.warning("%s: manifest records no tokenizer vocab_hash; cannot check it matches", path)
         elif theirs not in ours:
-            msg = (f"{path} was encoded with tokenizer {info.get('path')!r} (vocab_hash {theirs}, "
-                   f"len {info.get('len')}), which differs from the model's tokenizer (len "
-                   f"{len(tokenizer)}, vocab_hash {sorted(h for h in ours if h)}). Re-encode with "
-                   f"the model's tokenizer, or pass --ignore_tokenizer_mismatch if you are sure.")
+            msg = (f"{path} was encoded with tokenizer {info.get('path')!r} ({info.get('len')} "
+                   f"tokens, vocab_hash {theirs}), which differs from the training tokenizer "
+                   f"({ours_desc}; vocab_hash {sorted(h for h in ours if h)}). If the data's "
+                   f"tokenizer extends the model's, pass it as --tokenizer_path DIR (the embeddings "
+                   f"grow to it); else re-encode with the model's tokenizer, or pass "
+                   f"--ignore_tokenizer_mismatch if you are sure.")
             if not ignore:
                 raise DataModelMismatch(msg)
             log.warning("IGNORED (--ignore_tokenizer_mismatch): %s", msg)
@@ -158,9 +167,10 @@ def check_data_fits_model(*, max_token_id: int, max_length: int, embedding_rows:
     """Token ids must index the embedding; samples must fit the position table."""
     if max_token_id >= embedding_rows:
         raise DataModelMismatch(
-            f"{flag}: largest token id {max_token_id} >= embedding rows {embedding_rows}; the data "
-            f"was encoded with a bigger vocabulary than the model has. Use the encoder's tokenizer "
-            f"(its added tokens are added automatically) or re-encode with this model's tokenizer.")
+            f"{flag}: largest token id {max_token_id} but the model has {embedding_rows} embedding "
+            f"rows; the data was encoded with a bigger vocabulary than the model has. Pass the "
+            f"encoder's tokenizer as --tokenizer_path DIR (the embeddings grow to it when it extends "
+            f"the model's tokenizer) or re-encode with this model's tokenizer.")
     if max_positions is not None and max_length > max_positions:
         raise DataModelMismatch(
             f"{flag}: samples up to {max_length} tokens but the model has {max_positions} positions "
@@ -225,21 +235,17 @@ def lora_settings(lora_config_path: str | None) -> dict:
     return cfg
 
 
-def apply_lora(model, settings: dict, new_token_ids: list[int], *, zero3: bool = False):
-    """Wrap `model` with a fresh LoRA adapter; new token rows trained too (tied or untied heads)."""
+def apply_lora(model, settings: dict, new_token_ids: list[int], *, zero3: bool = False,
+               user_config: bool = False):
+    """Wrap `model` with a fresh LoRA adapter; new token rows trained too (trainer/vocab.py)."""
     from peft import LoraConfig, get_peft_model
-    cfg = dict(settings)
-    if new_token_ids and not cfg.get("modules_to_save") and not cfg.get("trainable_token_indices"):
-        emb_name = _module_name(model, model.get_input_embeddings())
-        if model.config.tie_word_embeddings:
-            cfg["trainable_token_indices"] = {emb_name: list(new_token_ids)}
-        else:  # untied head: train both whole matrices (rows alone cannot be selected on lm_head)
-            cfg["modules_to_save"] = [emb_name, _module_name(model, model.get_output_embeddings())]
-    if cfg.get("trainable_token_indices") and zero3 and not torch.cuda.is_available():
-        raise ValueError(
-            "--use_lora with new tokens under ZeRO-3 on CPU: peft's trainable_token_indices gathers "
-            "ZeRO-3 rows on CUDA only (peft 0.21). Use --zero_stage 2 on CPU, or list the embedding "
-            "modules in modules_to_save in --lora_config_path.")
+
+    from trainer.vocab import new_row_lora_settings
+    cfg, how = new_row_lora_settings(model, settings, new_token_ids, user_config=user_config,
+                                     zero3=zero3)
+    if how:
+        log.info("%s", how)
+    cfg = dict(cfg)
     cfg.setdefault("task_type", "CAUSAL_LM")
     peft_model = get_peft_model(model, LoraConfig(**cfg))
     return peft_model

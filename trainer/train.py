@@ -78,6 +78,7 @@ class Trainer:
         from trainer import checkpoint as ckpt_mod
         from trainer import ds_config as dsc
         from trainer import model as mdl
+        from trainer import vocab
         from trainer.dist import init_distributed
 
         self.args = args
@@ -103,13 +104,20 @@ class Trainer:
         data_paths = [p for p, _ in described]
 
         # ---- tokenizer (from the checkpoint on resume: it holds the added tokens)
-        tok_src = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else args.model_path
+        tok_src = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else (
+            args.tokenizer_path or args.model_path)
         self.tokenizer = mdl.load_tokenizer(tok_src)
+        model_cfg = AutoConfig.from_pretrained(args.model_path)
+        self.vocab_plan = vocab.plan_vocab(
+            model_path=args.model_path, tokenizer_path=args.tokenizer_path, tokenizer=self.tokenizer,
+            tokenizer_source=str(tok_src), model_vocab_size=getattr(model_cfg, "vocab_size", None),
+            requested_init=args.new_token_init, from_scratch=args.from_scratch)
         self.new_token_ids: list[int] = []
         self.tokenizer_hashes: list[str] = []
         if self.tokenizer is not None:
             # accepted: the tokenizer as loaded, + manifest tokens, + --add_tokens, and on resume
             # whatever the original run accepted (the checkpoint's tokenizer already has them all)
+            loaded_len = len(self.tokenizer)
             hashes = {vocab_hash(self.tokenizer.get_vocab())}
             hashes |= set((self.ckpt_state or {}).get("tokenizer_hashes", []))
             self.new_token_ids = mdl.add_manifest_tokens(self.tokenizer,
@@ -119,7 +127,8 @@ class Trainer:
             hashes.add(vocab_hash(self.tokenizer.get_vocab()))
             self.tokenizer_hashes = sorted(hashes)
             mdl.check_tokenizer_matches(self.tokenizer, manifests, data_paths, hashes,
-                                        args.ignore_tokenizer_mismatch)
+                                        args.ignore_tokenizer_mismatch, loaded_len=loaded_len,
+                                        source=str(tok_src))
         elif args.add_tokens:
             raise SetupError(f"--add_tokens needs a tokenizer, but none loads from {tok_src}")
         pad = None if self.tokenizer is None else self.tokenizer.pad_token_id
@@ -129,7 +138,6 @@ class Trainer:
         self.dtype = mdl.resolve_precision(args.precision)
         self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
         self.total_steps = total_steps_for(args, len(self.train_ds), self.global_batch)
-        model_cfg = AutoConfig.from_pretrained(args.model_path)
         model_src = str(self.ckpt) if self.ckpt and not args.use_lora else args.model_path
         self.model_config = self._scaled_config(model_src)
         self.attn = mdl.resolve_attn_implementation(args.attn_implementation, model_cfg)
@@ -157,8 +165,15 @@ class Trainer:
                                config=self.model_config,
                                load_kwargs=quantize.load_kwargs(args.quantization, self.dtype,
                                                                 info.device))
+        self.resize = None
         if self.tokenizer is not None:
-            mdl.resize_embeddings(model, len(self.tokenizer))
+            self.resize = vocab.grow_embeddings(
+                model, len(self.tokenizer), init=self.vocab_plan.init, why=self.vocab_plan.why,
+                model_tokenizer=self.vocab_plan.model_tokenizer, tokenizer=self.tokenizer,
+                zero3=self.zero3, log_it=info.is_main)
+        self.new_row_ids = vocab.new_row_ids(self.tokenizer, base_len=self.vocab_plan.base_len,
+                                             added_ids=self.new_token_ids) \
+            if self.tokenizer is not None and not args.from_scratch else []
         self._check_data(model)
         if args.quantization:  # freezes the base; gradient checkpointing set up here too
             model = quantize.prepare_for_training(model,
@@ -166,13 +181,20 @@ class Trainer:
         elif args.gradient_checkpointing:
             mdl.enable_gradient_checkpointing(model, args.use_lora)
         self.lora_settings = None
+        self.lora_new_rows = None
         if args.use_lora:
             from trainer.lora import resolve_lora_targets
             self.lora_settings = resolve_lora_targets(model, mdl.lora_settings(args.lora_config_path),
                                                       zero3=self.zero3)
+        if args.use_lora and not self.ckpt:  # LoRA trains the new rows unless the config says not
+            self.lora_settings, self.lora_new_rows = vocab.new_row_lora_settings(
+                model, self.lora_settings, self.new_row_ids,
+                user_config=bool(args.lora_config_path), zero3=self.zero3)
+            if self.lora_new_rows and info.is_main:
+                log.info("%s", self.lora_new_rows)
         if args.use_lora:
             model = (mdl.load_lora(model, str(self.ckpt)) if self.ckpt
-                     else mdl.apply_lora(model, self.lora_settings, self.new_token_ids, zero3=self.zero3))
+                     else mdl.apply_lora(model, self.lora_settings, [], zero3=self.zero3))
             if info.is_main:
                 model.print_trainable_parameters()
 
@@ -413,7 +435,8 @@ class Trainer:
                 self.ds_config.get("zero_optimization", {}).get("stage"),
                 "lora": self.lora_settings, "quantization": self.args.quantization,
                 "rope_parameters": self._rope_record(), "added_token_ids": self.new_token_ids,
-                "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None}
+                "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None,
+                "vocab": self.vocab_plan.record(self.tokenizer, self.resize, self.lora_new_rows)}
 
     def _rope_record(self) -> dict | None:
         from trainer.rope import rope_summary

@@ -258,5 +258,5 @@ def test_token_id_beyond_vocab_fails_before_step_1(tool_runs):
     (The run is started by the tool_runs fixture, beside the first LoRA run.)"""
     proc, out = tool_runs["refused"], tool_runs["refused_out"]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "largest token id 125 >= embedding rows 124" in proc.stderr
+    assert "largest token id 125 but the model has 124 embedding rows" in proc.stderr
     assert not out.exists() or not list(out.rglob("train_log.jsonl"))

@@ -115,7 +115,24 @@ def test_zero_engine_checkpoint_to_hf_and_generate(tmp_path, assets, zero2_run):
     assert row["generated"] == tok.decode(new, skip_special_tokens=True)
 
 
-def test_generate_without_prompt_format_says_what_to_do(assets, capsys):
+def test_generate_without_prompt_format_continues_plain_text(assets, capsys):
+    """A pretrain model (no prompt_format.json) continues the text; a bad --template is one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from trainer.generate import main as generate_main
-    assert generate_main(["--model", str(assets["llama"]), "--prompt", "w1"]) == 1
-    assert "--template" in capsys.readouterr().err
+    assert generate_main(["--model", str(assets["llama"]), "--prompt", "w1 w2",
+                          "--max_new_tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "plain text" in err and "--template" in err
+    tok = AutoTokenizer.from_pretrained(str(assets["llama"]))
+    model = AutoModelForCausalLM.from_pretrained(str(assets["llama"]))
+    ids = tok("w1 w2")["input_ids"]
+    want = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):]
+    want = [t for t in want.tolist() if t != tok.eos_token_id]
+    assert out.splitlines()[-1].endswith(tok.decode(want, skip_special_tokens=True))
+    capsys.readouterr()
+    assert generate_main(["--model", str(assets["llama"]), "--prompt", "w1",
+                          "--template", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--template nope" in err and "Traceback" not in err

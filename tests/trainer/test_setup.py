@@ -88,7 +88,7 @@ def test_lion_moves_against_gradient_sign():
 
 
 def test_token_id_beyond_embedding_rejected():
-    with pytest.raises(DataModelMismatch, match="largest token id 130 >= embedding rows 124"):
+    with pytest.raises(DataModelMismatch, match="largest token id 130 but the model has 124 embedding rows"):
         check_data_fits_model(max_token_id=130, max_length=10, embedding_rows=124, max_positions=128,
                               flag="--data_path")
     with pytest.raises(DataModelMismatch, match="128 positions"):
