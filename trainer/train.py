@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _root)
 
+import dataclasses
 import logging
 import math
 import os
@@ -131,6 +132,13 @@ class Trainer:
                                  precision=_precision_name(self.dtype),
                                  hidden_size=int(getattr(model_cfg, "hidden_size", 1024)))
         self.ds_config = dsc.resolve_config(raw, cfg_path, values)
+        self.opt_plan = dsc.plan_optimizer(raw, cfg_path, args,
+                                           cpu_offload=dsc.optimizer_offloaded(self.ds_config))
+        self.sched_plan = dsc.plan_scheduler(raw, cfg_path, args, total_steps=self.total_steps,
+                                             lr=self.opt_plan.lr)
+        if info.is_main:
+            log.info("%s", self.opt_plan.describe())
+            log.info("%s", self.sched_plan.describe())
         self.zero3 = dsc.zero_stage_of(self.ds_config) == 3
         if self.zero3 and args.quantization:
             from trainer.quantize import ZERO3_REFUSAL
@@ -226,11 +234,8 @@ class Trainer:
     def _build_engine(self, model):
         import deepspeed
 
-        from trainer.optim import build_optimizer, build_scheduler
-        a = self.args
-        optimizer = build_optimizer(model, a.optimizer, a.learning_rate, a.weight_decay)
-        self.scheduler = build_scheduler(optimizer, kind=a.lr_scheduler, warmup_ratio=a.warmup_ratio,
-                                         total_steps=self.total_steps)
+        from trainer.ds_config import build_optimizer_and_scheduler
+        optimizer, self.scheduler = build_optimizer_and_scheduler(model, self.opt_plan, self.sched_plan)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=self.scheduler, config=self.ds_config)
         return engine
@@ -254,8 +259,8 @@ class Trainer:
                                         load_module_strict=not self.args.use_lora,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         else:
-            self.scheduler.last_epoch = st["step"] - 1
-            self.scheduler.step()  # LR = schedule(step), never restarted
+            from trainer.ds_config import set_schedule_position
+            set_schedule_position(self.scheduler, st["step"])  # LR = schedule(step), never restarted
             if info.is_main:
                 bar = "!" * 100
                 log.warning("\n%s\nRESUMING WITHOUT OPTIMIZER STATE: %s has no DeepSpeed engine "
@@ -303,24 +308,37 @@ class Trainer:
 
         from trainer.data import eval_batches, eval_shard
         from trainer.dist import all_reduce_sum
-        info, engine = self.info, self.engine
-        shard = eval_shard(len(self.eval_ds), info.rank, info.world_size, self.args.micro_batch_size)
+        from tqdm import tqdm
+        info, engine, a = self.info, self.engine, self.args
+        t0 = time.perf_counter()
+        num_samples = self.num_eval_samples()
+        shard = eval_shard(num_samples, info.rank, info.world_size, a.micro_batch_size)
         total, count = 0.0, 0
         engine.eval()
+        bar = tqdm(total=-(-len(shard.indices) // a.micro_batch_size), desc="eval", leave=False,
+                   dynamic_ncols=True, mininterval=1.0, position=1, disable=not info.is_main)
         with torch.no_grad():
             from trainer.data import count_loss_tokens, model_inputs
             from trainer.loss import forward_loss_sum
-            for batch in eval_batches(self.eval_ds, shard, micro_batch_size=self.args.micro_batch_size,
+            for batch in eval_batches(self.eval_ds, shard, micro_batch_size=a.micro_batch_size,
                                       pad_id=self.pad_id, flatten=self.flatten):
                 total += float(forward_loss_sum(
                     engine, model_inputs(batch, self.attn, self.dtype, info.device),
                     batch["labels"].to(info.device), fused=self.fused_loss))
                 count += count_loss_tokens(batch)
+                bar.update(1)
+        bar.close()
         engine.train()
         total, count = all_reduce_sum([total, count], info.device)
         loss = total / max(count, 1.0)
         return {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                "eval_loss_tokens": int(count)}
+                "eval_loss_tokens": int(count), "eval_samples": num_samples,
+                "eval_time_s": round(time.perf_counter() - t0, 3)}
+
+    def num_eval_samples(self) -> int:
+        """The first --eval_max_samples samples of the eval data (all when 0)."""
+        n = len(self.eval_ds)
+        return min(n, self.args.eval_max_samples) if self.args.eval_max_samples else n
 
     def trainer_state(self) -> dict:
         s = self.state
@@ -341,6 +359,8 @@ class Trainer:
                 "attn_implementation": self.attn,
                 "loss": "fused head" if self.fused_loss else "full logits", "zero_stage": 3 if self.zero3 else
                 self.ds_config.get("zero_optimization", {}).get("stage"),
+                "optimizer": dataclasses.asdict(self.opt_plan),
+                "lr_schedule": dataclasses.asdict(self.sched_plan),
                 "lora": self.lora_settings, "quantization": self.args.quantization,
                 "rope_parameters": self._rope_record(), "added_token_ids": self.new_token_ids,
                 "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None}
@@ -374,7 +394,8 @@ class Trainer:
                               pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
                               seed=a.seed)
         rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
-                       initial_step=st.step, tensorboard=a.report_to == "tensorboard")
+                       initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
+                       config=self.resolved_config())
         if info.is_main:
             log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
                      self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
@@ -426,7 +447,8 @@ class Trainer:
         self.state.eval_history.append(result)
         rep.log(result)
         rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} "
-                  f"ppl {result['eval_ppl']:.2f}")
+                  f"ppl {result['eval_ppl']:.2f} ({result['eval_samples']} samples, "
+                  f"{result['eval_time_s']:.1f} s)")
 
 
 def _setup_logging() -> None:
@@ -437,7 +459,15 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_and_validate(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    from trainer import console
+    console.install(is_main=is_main)
     _setup_logging()
+    if is_main:
+        from shardfmt.run_config import format_resolved
+        source = f"--config {args.config} + command line" if args.config else "command line"
+        print(format_resolved(args.to_dict(), title=f"trainer: resolved flags ({source}):"),
+              file=sys.stderr, flush=True)
     from shardfmt import IncompleteDatasetError
 
     from trainer.model import DataModelMismatch
@@ -448,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer: error before step 1: {e}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointSaveError, latest_checkpoint_name
-    try:
-        trainer.run()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    try:  # log lines go above the progress bar instead of through it
+        with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger(console.DS_LOGGER)]):
+            trainer.run()
     except (OSError, CheckpointSaveError) as e:  # disk full / file too large / unwritable
         latest = latest_checkpoint_name(trainer.run_dir / "checkpoints")
         print(f"trainer: error at step {trainer.state.step}: {e}; checkpoints/latest names "
