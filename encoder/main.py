@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from shardfmt.run_config import format_resolved, parse_with_config
     ns = parse_with_config(build_parser(), argv)  # --config run.yaml, command line wins
     source = f"--config {ns.config} + command line" if ns.config else "command line"
-    print(format_resolved(vars(ns), title=f"llm-encode: resolved flags ({source}):"),
-          file=sys.stderr, flush=True)
+    print(format_resolved(vars(ns), title=f"llm-encode: resolved flags ({source}):"), flush=True)
     args = EncodeArgs.from_namespace(ns)
     set_thread_env(args)
     try:

@@ -38,6 +38,8 @@ KNOWN_NOISE = (
     Noise("warnings", r"torch\.utils\._pytree\._register_pytree_node is deprecated|"
           r"`torch\.cuda\.amp\..*` is deprecated|TypedStorage is deprecated",
           "deprecations inside DeepSpeed/transformers, not in the user's code"),
+    Noise("warnings", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+          r"deprecated", "called inside DeepSpeed's ZeRO, not by the user's code"),
     Noise("warnings", r"To copy construct from a tensor, it is recommended",
           "raised inside DeepSpeed's ZeRO partitioning"),
     Noise("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward",

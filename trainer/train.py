@@ -393,13 +393,13 @@ class Trainer:
                               world_size=info.world_size, micro_batch_size=a.micro_batch_size,
                               pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
                               seed=a.seed)
-        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
-                       initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
-                       config=self.resolved_config())
         if info.is_main:
             log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
                      self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
                      _precision_name(self.dtype), self.attn, 3 if self.zero3 else 2)
+        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
+                       initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
+                       config=self.resolved_config())
         batches = iter(loader)
         window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
         saved_at = -1
