@@ -320,6 +320,8 @@ def _check_combinations(args: TrainArgs, problems: list[str]) -> None:
     if "/" in args.save_name or not args.save_name:
         problems.append(f"--save_name {args.save_name!r}: must be a non-empty name without '/'")
     ds_path = deepspeed_config_file(args.deepspeed_config_path)
+    if ds_path and ds_path.is_file():
+        problems.extend(_deepspeed_section_problems(args, ds_path))
     if ds_path and args.zero_stage is not None and ds_path.is_file():
         try:
             stage = json.loads(ds_path.read_text()).get(
@@ -365,6 +367,27 @@ def _check_quantization_and_rope(args: TrainArgs, problems: list[str]) -> None:
         if args.original_max_positions is not None and args.original_max_positions < 1:
             problems.append(f"--original_max_positions must be >= 1 (got "
                             f"{args.original_max_positions})")
+
+
+def _deepspeed_section_problems(args: TrainArgs, path: Path) -> list[str]:
+    """The config's optimizer/scheduler sections checked before anything loads (the run's step
+    count is not known yet: the file's own total_num_steps stands in)."""
+    from trainer.ds_config import plan_optimizer, plan_scheduler
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        return []  # reported by _check_paths
+    if not isinstance(raw, dict):
+        return [f"--deepspeed_config_path {path}: expected a JSON object"]
+    problems = []
+    total = ((raw.get("scheduler") or {}).get("params") or {}).get("total_num_steps")
+    try:
+        opt = plan_optimizer(raw, str(path), args, cpu_offload=False)
+        plan_scheduler(raw, str(path), args, lr=opt.lr,
+                       total_steps=total if isinstance(total, int) else args.max_steps or 1)
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
 
 
 def validate_args(args: TrainArgs) -> list[str]:

@@ -145,6 +145,17 @@ def test_unsupported_and_contradicting_sections_are_one_concise_message():
     assert kept.lr == 5e-4
 
 
+def test_unsupported_section_reported_with_the_other_flag_problems(tmp_path):
+    """Checked by validate_args, before any model or DeepSpeed loads."""
+    from trainer.args import validate_args
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}))
+    problems = validate_args(parse_args(BASE + ["--max_steps", "4", "--deepspeed_config_path",
+                                                str(cfg), "--micro_batch_size", "0"]))
+    assert any('optimizer.type "Lamb" is not supported' in p for p in problems), problems
+    assert any("--micro_batch_size" in p for p in problems)
+
+
 def test_bundled_configs_by_name():
     for name in ("zero2", "zero3", "zero3_offload"):
         assert deepspeed_config_file(name) == BUNDLED_CONFIG_DIR / f"{name}.json"
