@@ -40,6 +40,10 @@ KNOWN_NOISE = (
           "deprecations inside DeepSpeed/transformers, not in the user's code"),
     Noise("warnings", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
           r"deprecated", "called inside DeepSpeed's ZeRO, not by the user's code"),
+    Noise("warnings", r"`torch\.jit\.script_method` is deprecated",
+          "raised while importing a library that still uses TorchScript, not by the user's code"),
+    Noise("warnings", r"The ``noload`` loader strategy is deprecated",
+          "SQLAlchemy inside MLflow's local store"),
     Noise("warnings", r"To copy construct from a tensor, it is recommended",
           "raised inside DeepSpeed's ZeRO partitioning"),
     Noise("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward",
