@@ -1,6 +1,7 @@
 """Users' DeepSpeed configs end to end (issue 16): the Hugging Face docs' ZeRO-2 config (AdamW +
 WarmupLR with "auto", optimizer offloaded to CPU: DeepSpeed's CPU Adam) and LLaMA-Factory's ZeRO-3
-offload config, both verbatim from tests/trainer/ds_configs/, and the bundled zero3_offload.json.
+offload config, both verbatim from tests/trainer/ds_configs/, and the bundled zero3_offload.json
+and zero3.json.
 Each trains (loss falls), resumes exactly (new processes from step 4 == the uninterrupted run) and
 keeps the loss equalities (1 process x accumulation 4 == 2 ranks x accumulation 2).
 
@@ -82,6 +83,8 @@ def runs(assets, tmp_path_factory) -> dict:
         ("deepspeed", 2, base_args(assets, root / "lf_2x2", "--deepspeed_config_path",
                                    str(LF_Z3_OFFLOAD), "--micro_batch_size", "1",
                                    "--gradient_accumulation_steps", "2", *save)),
+        ("python", 1, base_args(assets, root / "z3plain_1x4", "--deepspeed_config_path", "zero3",
+                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4", *save)),
     ])
     second = run_together([
         ("python", 1, base_args(assets, root / "hf_resumed", "--deepspeed_config_path", str(HF_ZERO2),
@@ -91,8 +94,12 @@ def runs(assets, tmp_path_factory) -> dict:
                                   str(LF_Z3_OFFLOAD), "--micro_batch_size", "1",
                                   "--gradient_accumulation_steps", "2", "--load_ckpt_path",
                                   str(step_dir(root / "lf_2x2", 4)))),
+        ("python", 1, base_args(assets, root / "z3plain_resumed", "--deepspeed_config_path", "zero3",
+                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4",
+                                "--load_ckpt_path", str(step_dir(root / "z3plain_1x4", 4)))),
     ])
-    names = ["hf_1x4", "hf_2x2", "z3_1x4", "lf_2x2", "hf_resumed", "lf_resumed"]
+    names = ["hf_1x4", "hf_2x2", "z3_1x4", "lf_2x2", "z3plain_1x4", "hf_resumed", "lf_resumed",
+             "z3plain_resumed"]
     return {"root": root, **{n: (root / n, p) for n, p in zip(names, first + second)}}
 
 
@@ -157,3 +164,12 @@ def test_config_file_trackers_and_capped_eval_end_to_end(runs):
     assert list((run_dir / "tensorboard").iterdir())
     for noise in NOISE:
         assert noise not in proc.stderr, noise
+
+
+def test_bundled_zero3_matches_zero2_two_ranks_and_resumes(runs, zero2_run):
+    """Bundled zero3.json, 1 process x accumulation 4 == the bundled zero2.json run on 2 ranks x 2
+    (conftest's zero2_run; zero2.json's own resume/equality tests are in test_e2e.py)."""
+    z3 = losses(step_dir(runs["z3plain_1x4"][0]))
+    assert np.mean(z3[-2:]) < np.mean(z3[:2]) - 0.3, z3
+    assert_close(z3, losses(zero2_run / "checkpoints" / f"step_{STEPS}"), 1e-5)
+    assert_close(z3, losses(step_dir(runs["z3plain_resumed"][0])), 1e-6)

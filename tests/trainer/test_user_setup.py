@@ -179,6 +179,15 @@ def test_config_file_keys_are_flags_and_command_line_wins(tmp_path):
     assert parse_args(["--config", str(cfg), "--max_epochs", "2"]).max_steps is None
 
 
+def test_report_to_any_subset():
+    from trainer.args import validate_args
+    assert parse_args(BASE + ["--max_steps", "1", "--report_to", "none"]).report_to == []
+    assert parse_args(BASE + ["--max_steps", "1", "--report_to", "wandb", "mlflow"]).report_to == [
+        "wandb", "mlflow"]
+    problems = validate_args(parse_args(BASE + ["--max_steps", "1", "--report_to", "comet"]))
+    assert any("--report_to comet: unknown tracker" in p for p in problems)
+
+
 def test_config_file_unknown_key_refused_naming_it(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model_path: m\nlerning_rate: 1\n")
