@@ -6,7 +6,8 @@ DeepSpeed config, optimizer and schedule) once at the start.
   tensorboard  RUN/tensorboard/ (the config as a text summary)
   wandb        wandb.init(project=$WANDB_PROJECT or "llm-shards", dir=RUN, name=save_name, config=...);
                WANDB_MODE=offline writes RUN/wandb/offline-run-*/ for `wandb sync`
-  mlflow       $MLFLOW_TRACKING_URI, else the local store sqlite:///RUN/mlflow.db; experiment
+  mlflow       $MLFLOW_TRACKING_URI, else the local store sqlite:///RUN/mlflow.db (artifacts in
+               RUN/mlflow_artifacts/); experiment
                $MLFLOW_EXPERIMENT_NAME or "llm-shards"; flat args as params, the whole config as
                the artifact resolved_config.json
 """
@@ -65,11 +66,15 @@ class MlflowTracker:
         self.mlflow = mlflow
         # MLflow 3 refuses a plain-directory store unless MLFLOW_ALLOW_FILE_STORE=true; its local
         # default is one SQLite file.
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        # the local store's artifacts go beside it (MLflow's default is ./mlruns in the cwd)
+        artifacts = None if uri else (run_dir / "mlflow_artifacts").resolve().as_uri()
+        uri = uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         experiment = self.client.get_experiment_by_name(name)
-        exp_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        exp_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            name, artifact_location=artifacts)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flat(config.get("args", {}))]
         for i in range(0, len(params), 100):  # MLflow's batch limit

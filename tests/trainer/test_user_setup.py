@@ -252,6 +252,9 @@ def test_trackers_get_the_jsonl_metrics_with_the_real_packages(tmp_path, monkeyp
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == list(enumerate(losses, 1))
     assert client.get_metric_history(run.info.run_id, "eval/eval_loss")[0].value == 1.25
+    saved = list((tmp_path / "mlflow_artifacts").rglob("resolved_config.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text()) == config
+    assert not (Path.cwd() / "mlruns").exists()  # nothing outside the run dir
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
