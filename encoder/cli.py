@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from encoder.packing import DEFAULT_PACK_WINDOW
+from shardfmt.run_config import add_config_flag
 from encoder.templates import TEMPLATE_NAMES
 from encoder.backends import TOKENIZER_BACKENDS
 from encoder.sample_encoder import CROSS_CHECK_EVERY
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llm-encode", description="Encode a data-loader plugin's rows into shardfmt token "
         "shards (OUTPUT_PATH/CORPUS_NAME/).", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flag(p)
     a = p.add_argument
     a("--tokenizer_path", required=True, help="Hugging Face tokenizer directory (loaded offline; "
       "see --tokenizer_backend).")

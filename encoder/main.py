@@ -46,7 +46,11 @@ USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, encode, print a summary. Returns 0, or 2 after a one-line error."""
-    args = EncodeArgs.from_namespace(build_parser().parse_args(argv))
+    from shardfmt.run_config import format_resolved, parse_with_config
+    ns = parse_with_config(build_parser(), argv)  # --config run.yaml, command line wins
+    source = f"--config {ns.config} + command line" if ns.config else "command line"
+    print(format_resolved(vars(ns), title=f"llm-encode: resolved flags ({source}):"), flush=True)
+    args = EncodeArgs.from_namespace(ns)
     set_thread_env(args)
     try:
         check_args(args)

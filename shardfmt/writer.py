@@ -39,13 +39,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` so that readers see either the old file or the whole new one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` durably: readers (and a machine that lost power) see either the old
+    file or the whole new one. tmp + fsync + rename + directory fsync."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -53,6 +54,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any, *, default=None) -> None:
+    """`write_text_atomic` of `obj` as indented JSON (`default` as in json.dumps)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=default) + "\n")
 
 
 class _HashingFile:

@@ -16,13 +16,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardfmt.run_config import add_config_flag, parse_with_config
+
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit", "lion8bit")  # *8bit: bitsandbytes
 QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes NF4 + double quantisation / LLM.int8
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # any subset; "none" = no tracker
 NEW_TOKEN_INITS = ("auto", "mean", "decompose")
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -61,7 +63,7 @@ class TrainArgs:
     eval_steps: int = 0
     logging_steps: int = 10
     save_total_limit: int = 0
-    report_to: str = "none"
+    report_to: list[str] = field(default_factory=list)
     from_scratch: bool = False
     zero_stage: int | None = None
     optimizer: str = "adamw"
@@ -76,9 +78,26 @@ class TrainArgs:
     original_max_positions: int | None = None
     tokenizer_path: str | None = None
     new_token_init: str = "auto"
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    adam_epsilon: float = 1e-8
+    eval_max_samples: int = 0
+    config: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def deepspeed_config_file(value: str | None) -> Path | None:
+    """--deepspeed_config_path as a file: the path itself, else a bundled config of that name
+    (`zero3_offload` or `zero3_offload.json` -> trainer/configs/zero3_offload.json)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    bundled = BUNDLED_CONFIG_DIR / (value if value.endswith(".json") else f"{value}.json")
+    return bundled if bundled.is_file() else path
 
 
 def _split_tokens(values: list[str] | None) -> list[str]:
@@ -90,51 +109,77 @@ def _split_tokens(values: list[str] | None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag has help; ArgumentDefaultsHelpFormatter appends "(default: X)" to each."""
     d = TrainArgs()
     p = argparse.ArgumentParser(
         prog="trainer/train.py",
         description="Train a causal LM on shardfmt datasets with DeepSpeed (full or LoRA).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flag(p)
     g = p.add_argument_group("paths")
-    g.add_argument("--model_path", required=True, help="HF model dir (weights+tokenizer, or only a "
-                   "config with --from_scratch)")
-    g.add_argument("--data_path", nargs="+", required=True, metavar="[WEIGHT] PATH",
-                   help="datasets: shardfmt dirs, Megatron .bin/.idx prefixes or dirs of them. "
-                   "`A B`: end to end (a repeated path is read once per repetition); `0.7 A 0.3 B`: "
-                   "weighted mix, each source's share of every global batch within one sample")
+    g.add_argument("--model_path", required=True, default=argparse.SUPPRESS, help="(required) HF "
+                   "model dir (weights+tokenizer, or only a config with --from_scratch)")
+    g.add_argument("--data_path", nargs="+", required=True, default=argparse.SUPPRESS,
+                   metavar="[WEIGHT] PATH",
+                   help="(required) datasets: shardfmt dirs, Megatron .bin/.idx prefixes or dirs of "
+                   "them. `A B`: end to end (a path given twice is read twice per epoch); "
+                   "`0.7 A 0.3 B`: weighted mix, each source's share of every global batch within "
+                   "one sample")
     g.add_argument("--eval_data_path", nargs="+", default=[], metavar="[WEIGHT] PATH",
                    help="eval datasets, same forms; several are evaluated and logged separately "
                    "(eval_loss/NAME), weights make eval_loss their weighted mean")
-    g.add_argument("--output_path", required=True, help="runs go to OUTPUT/<timestamp>_<save_name>/")
-    g.add_argument("--save_name", default=d.save_name)
+    g.add_argument("--output_path", required=True, default=argparse.SUPPRESS, help="(required) runs "
+                   "go to OUTPUT/<timestamp>_<save_name>/")
+    g.add_argument("--save_name", default=d.save_name, help="run name: the run dir's suffix and "
+                   "the tracker run name")
     g.add_argument("--no_timestamp", action="store_true", help="run dir is OUTPUT/<save_name>/")
     g.add_argument("--load_ckpt_path", default=None, help="resume: a run dir or a checkpoint dir")
     g.add_argument("--deepspeed_config_path", default=None,
-                   help="DeepSpeed JSON; default: bundled trainer/configs/zero{2,3}.json")
+                   help="DeepSpeed JSON (HF/LLaMA-Factory style; \"auto\" values and optimizer/"
+                   "scheduler sections are filled from the flags), or the name of a bundled one: "
+                   "zero2, zero3, zero3_offload. None: bundled zero{--zero_stage}.json")
     g = p.add_argument_group("length of training")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--max_epochs", type=float, default=None)
+    x.add_argument("--max_epochs", type=float, default=None, help="passes over --data_path (one of "
+                   "--max_epochs/--max_steps is required)")
     x.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
     g = p.add_argument_group("optimisation")
     g.add_argument("--micro_batch_size", type=int, default=d.micro_batch_size, help="samples per rank "
                    "per forward")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
-    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
-    g.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio)
-    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
+                   help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate, help="peak learning rate")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler,
+                   help="after warmup: constant, or linear/cosine decay to 0 at the last step")
+    g.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, help="fraction of the "
+                   "steps with linear warmup")
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="decoupled weight "
+                   "decay of matrices (not biases/norms)")
+    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1, help="beta1 of AdamW/Lion "
+                   "(None: 0.9)")
+    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2, help="beta2 (None: 0.95 for "
+                   "AdamW, 0.99 for Lion)")
+    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--zero_stage", type=int, choices=(2, 3), default=None)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="with ZeRO-Offload "
+                   "(offload_optimizer to cpu) DeepSpeed's CPU Adam/Lion is used")
+    g.add_argument("--zero_stage", type=int, choices=(2, 3), default=None, help="picks the bundled "
+                   "config when --deepspeed_config_path is not given (None: 2)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--shuffle_data", action=argparse.BooleanOptionalAction, default=d.shuffle_data)
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, init of new weights, "
+                   "dropout")
+    g.add_argument("--shuffle_data", action=argparse.BooleanOptionalAction, default=d.shuffle_data,
+                   help="shuffle samples each epoch (a seeded permutation; --no-shuffle_data reads "
+                   "them in order)")
     g.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
     g = p.add_argument_group("model")
     g.add_argument("--from_scratch", action="store_true", help="random init from model_path's config")
-    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=d.attn_implementation)
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=d.attn_implementation,
+                   help="auto: flash_attention_2 if installed on GPU, else sdpa_varlen when the "
+                   "model supports it, else sdpa")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in "
+                   "backward (less memory, ~30%% more compute)")
     g.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=d.fused_loss,
                    help="compute the loss chunk by chunk from the last hidden states, only where a "
                    "label is (no B x L x V logits); models it cannot be exact for use full logits")
@@ -149,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--original_max_positions", type=int, default=None,
                    help="--rope_scaling: the context the model was pretrained with (default: its "
                    "max_position_embeddings)")
-    g.add_argument("--use_lora", action="store_true")
+    g.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
     g.add_argument("--lora_config_path", default=None, help="JSON: r, alpha, dropout, target_modules, "
                    "modules_to_save")
     g.add_argument("--add_tokens", nargs="*", default=[], help="special tokens to add (comma or space "
@@ -169,19 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_optimizer", action="store_true", help="also save the DeepSpeed engine "
                    "checkpoint (optimizer, LR scheduler) for exact resume")
     g.add_argument("--save_total_limit", type=int, default=0, help="keep the newest N (0: all)")
-    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--logging_steps", type=int, default=d.logging_steps, help="log every N steps")
     g.add_argument("--eval_steps", type=int, default=0, help="eval every N steps (0: only at the end)")
-    g.add_argument("--report_to", choices=REPORT_TO, default=d.report_to)
+    g.add_argument("--eval_max_samples", type=int, default=d.eval_max_samples, help="evaluate only the "
+                   "first N samples of --eval_data_path (0: all)")
+    g.add_argument("--report_to", nargs="*", default=d.report_to, metavar="{" + ",".join(
+                   ("none",) + REPORT_TO) + "}", help="trackers, any subset: tensorboard "
+                   "(RUN/tensorboard), wandb (WANDB_PROJECT/WANDB_MODE apply), mlflow "
+                   "(MLFLOW_TRACKING_URI, else sqlite RUN/mlflow.db); run name = --save_name")
     # The deepspeed launcher appends --local_rank=N; rank comes from the environment instead.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    ns = build_parser().parse_args(argv)
+    """Flags, with `--config FILE` values under them (the command line wins)."""
+    ns = parse_with_config(build_parser(), argv)
     values = vars(ns)
     values.pop("local_rank", None)
     values["add_tokens"] = _split_tokens(values["add_tokens"])
+    values["report_to"] = [t for t in values["report_to"] if t != "none"]
     return TrainArgs(**values)
 
 
@@ -189,7 +241,8 @@ def _check_positive(args: TrainArgs, problems: list[str]) -> None:
     for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("save_steps", "save_epochs", "save_total_limit", "eval_steps", "num_workers"):
+    for name in ("save_steps", "save_epochs", "save_total_limit", "eval_steps", "num_workers",
+                 "eval_max_samples"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.learning_rate <= 0:
@@ -198,6 +251,11 @@ def _check_positive(args: TrainArgs, problems: list[str]) -> None:
         problems.append(f"--weight_decay must be >= 0 (got {args.weight_decay})")
     if args.max_grad_norm < 0:
         problems.append(f"--max_grad_norm must be >= 0 (got {args.max_grad_norm}; 0 disables)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) < 1.0:
+            problems.append(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
+    if args.adam_epsilon <= 0:
+        problems.append(f"--adam_epsilon must be > 0 (got {args.adam_epsilon})")
     if not 0.0 <= args.warmup_ratio < 1.0:
         problems.append(f"--warmup_ratio must be in [0, 1) (got {args.warmup_ratio})")
 
@@ -216,10 +274,12 @@ def _check_paths(args: TrainArgs, problems: list[str]) -> None:
     if not (model / "config.json").is_file():
         problems.append(f"--model_path {model}: no config.json there (expected a Hugging Face model dir)")
     problems += data_path_problems(args)
-    for flag, p in (("--deepspeed_config_path", args.deepspeed_config_path),
-                    ("--lora_config_path", args.lora_config_path)):
+    ds_path = deepspeed_config_file(args.deepspeed_config_path)
+    for flag, p in (("--deepspeed_config_path", ds_path), ("--lora_config_path", args.lora_config_path)):
         if p is not None and not Path(p).is_file():
-            problems.append(f"{flag} {p}: file not found")
+            hint = (f" (nor a bundled config: {', '.join(sorted(c.stem for c in BUNDLED_CONFIG_DIR.glob('*.json')))})"
+                    if flag == "--deepspeed_config_path" else "")
+            problems.append(f"{flag} {p}: file not found{hint}")
         elif p is not None:
             try:
                 json.loads(Path(p).read_text())
@@ -284,14 +344,21 @@ def _check_combinations(args: TrainArgs, problems: list[str]) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             problems.append("--attn_implementation flash_attention_2: flash_attn is not installed "
                             "(pip install '.[flash]' on a GPU machine, or use sdpa)")
-    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        problems.append("--report_to tensorboard: the tensorboard package is not installed")
+    for tracker in args.report_to:
+        if tracker not in REPORT_TO:
+            problems.append(f"--report_to {tracker}: unknown tracker (choose from "
+                            f"{', '.join(REPORT_TO)}, or none)")
+        elif importlib.util.find_spec(tracker) is None:
+            problems.append(f"--report_to {tracker}: the {tracker} package is not installed "
+                            f"(pip install '.[track]')")
     if "/" in args.save_name or not args.save_name:
         problems.append(f"--save_name {args.save_name!r}: must be a non-empty name without '/'")
-    if args.deepspeed_config_path and args.zero_stage is not None and Path(
-            args.deepspeed_config_path).is_file():
+    ds_path = deepspeed_config_file(args.deepspeed_config_path)
+    if ds_path and ds_path.is_file():
+        problems.extend(_deepspeed_section_problems(args, ds_path))
+    if ds_path and args.zero_stage is not None and ds_path.is_file():
         try:
-            stage = json.loads(Path(args.deepspeed_config_path).read_text()).get(
+            stage = json.loads(ds_path.read_text()).get(
                 "zero_optimization", {}).get("stage", "auto")
         except ValueError:
             stage = "auto"
@@ -334,6 +401,27 @@ def _check_quantization_and_rope(args: TrainArgs, problems: list[str]) -> None:
         if args.original_max_positions is not None and args.original_max_positions < 1:
             problems.append(f"--original_max_positions must be >= 1 (got "
                             f"{args.original_max_positions})")
+
+
+def _deepspeed_section_problems(args: TrainArgs, path: Path) -> list[str]:
+    """The config's optimizer/scheduler sections checked before anything loads (the run's step
+    count is not known yet: the file's own total_num_steps stands in)."""
+    from trainer.ds_config import plan_optimizer, plan_scheduler
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        return []  # reported by _check_paths
+    if not isinstance(raw, dict):
+        return [f"--deepspeed_config_path {path}: expected a JSON object"]
+    problems = []
+    total = ((raw.get("scheduler") or {}).get("params") or {}).get("total_num_steps")
+    try:
+        opt = plan_optimizer(raw, str(path), args, cpu_offload=False)
+        plan_scheduler(raw, str(path), args, lr=opt.lr,
+                       total_steps=total if isinstance(total, int) else args.max_steps or 1)
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
 
 
 def validate_args(args: TrainArgs) -> list[str]:

@@ -16,6 +16,7 @@ A checkpoint is written under checkpoints/.tmp_step_<N> and renamed when complet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardfmt.writer import fsync_dir, write_json_atomic, write_text_atomic
 from trainer.dist import DistInfo, all_reduce_sum, barrier, broadcast_text
 
 STATE_NAME = "trainer_state.json"
@@ -111,9 +113,8 @@ def load_rng(ckpt: Path, rank: int) -> bool:
 
 # ---------------------------------------------------------------------------------- saving
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Durable (tmp + fsync + rename + directory fsync): shardfmt's writer, the one such writer."""
+    write_json_atomic(path, obj, default=str)
 
 
 def save_hf_weights(engine, tmp: Path, info: DistInfo, zero3: bool) -> None:
@@ -122,7 +123,20 @@ def save_hf_weights(engine, tmp: Path, info: DistInfo, zero3: bool) -> None:
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if info.is_main:
         kwargs = {"state_dict": state_dict} if zero3 else {}
-        module.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        with _no_hf_progress_bars():  # "Writing model shards" would cut through the training bar
+            module.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    import transformers.utils.logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -> None:
@@ -218,9 +232,8 @@ def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-        pointer_tmp = ckpt_root / ".latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, ckpt_root / "latest")  # written last
+        fsync_dir(ckpt_root)  # the rename is durable before `latest` names it
+        write_text_atomic(ckpt_root / "latest", final.name + "\n")  # written last, durably
         if save_total_limit:
             prune_checkpoints(ckpt_root, save_total_limit)
 

@@ -59,18 +59,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, name: str, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, *,
+                    betas: tuple[float, float] | None = None,
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
+    """betas None: (0.9, 0.95) for AdamW, (0.9, 0.99) for Lion."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas or (0.9, 0.95), eps=eps, foreach=False)
     if name == "lion":
-        return Lion(groups, lr=lr, betas=(0.9, 0.99))
+        return Lion(groups, lr=lr, betas=betas or (0.9, 0.99))
     if name in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
         cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
-        betas = (0.9, 0.99) if name == "lion8bit" else (0.9, 0.95)
-        extra = {} if name == "lion8bit" else {"eps": 1e-8}
+        betas = betas or ((0.9, 0.99) if name == "lion8bit" else (0.9, 0.95))
+        extra = {} if name == "lion8bit" else {"eps": eps}
         return cls(groups, lr=lr, betas=betas, **extra)
     raise ValueError(f"--optimizer {name!r}: expected adamw, lion or {', '.join(BNB_OPTIMIZERS)}")
 

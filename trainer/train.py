@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _root)
 
+import dataclasses
 import logging
 import math
 import os
@@ -148,6 +149,13 @@ class Trainer:
                                  precision=_precision_name(self.dtype),
                                  hidden_size=int(getattr(model_cfg, "hidden_size", 1024)))
         self.ds_config = dsc.resolve_config(raw, cfg_path, values)
+        self.opt_plan = dsc.plan_optimizer(raw, cfg_path, args,
+                                           cpu_offload=dsc.optimizer_offloaded(self.ds_config))
+        self.sched_plan = dsc.plan_scheduler(raw, cfg_path, args, total_steps=self.total_steps,
+                                             lr=self.opt_plan.lr)
+        if info.is_main:
+            log.info("%s", self.opt_plan.describe())
+            log.info("%s", self.sched_plan.describe())
         self.zero3 = dsc.zero_stage_of(self.ds_config) == 3
         if self.zero3 and args.quantization:
             from trainer.quantize import ZERO3_REFUSAL
@@ -261,11 +269,8 @@ class Trainer:
     def _build_engine(self, model):
         import deepspeed
 
-        from trainer.optim import build_optimizer, build_scheduler
-        a = self.args
-        optimizer = build_optimizer(model, a.optimizer, a.learning_rate, a.weight_decay)
-        self.scheduler = build_scheduler(optimizer, kind=a.lr_scheduler, warmup_ratio=a.warmup_ratio,
-                                         total_steps=self.total_steps)
+        from trainer.ds_config import build_optimizer_and_scheduler
+        optimizer, self.scheduler = build_optimizer_and_scheduler(model, self.opt_plan, self.sched_plan)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=self.scheduler, config=self.ds_config)
         return engine
@@ -289,8 +294,8 @@ class Trainer:
                                         load_module_strict=not self.args.use_lora,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         else:
-            self.scheduler.last_epoch = st["step"] - 1
-            self.scheduler.step()  # LR = schedule(step), never restarted
+            from trainer.ds_config import set_schedule_position
+            set_schedule_position(self.scheduler, st["step"])  # LR = schedule(step), never restarted
             if info.is_main:
                 bar = "!" * 100
                 log.warning("\n%s\nRESUMING WITHOUT OPTIMIZER STATE: %s has no DeepSpeed engine "
@@ -383,21 +388,30 @@ class Trainer:
 
         from trainer.data import count_loss_tokens, eval_batches, eval_shard, model_inputs
         from trainer.dist import all_reduce_sum
+        from tqdm import tqdm
+
         from trainer.loss import forward_loss_sum
-        info, engine, data = self.info, self.engine, self.eval_data
+        info, engine, data, a = self.info, self.engine, self.eval_data, self.args
+        t0 = time.perf_counter()
+        shards = [eval_shard(self.num_eval_samples(source), info.rank, info.world_size,
+                             a.micro_batch_size) for source in data.sources]
         sums = []
         engine.eval()
+        bar = tqdm(total=sum(-(-len(sh.indices) // a.micro_batch_size) for sh in shards),
+                   desc="eval", leave=False, dynamic_ncols=True, mininterval=1.0, position=1,
+                   disable=not info.is_main)
         with torch.no_grad():
-            for source in data.sources:
-                shard = eval_shard(len(source), info.rank, info.world_size, self.args.micro_batch_size)
+            for source, shard in zip(data.sources, shards):
                 total, count = 0.0, 0
-                for batch in eval_batches(source, shard, micro_batch_size=self.args.micro_batch_size,
+                for batch in eval_batches(source, shard, micro_batch_size=a.micro_batch_size,
                                           pad_id=self.pad_id, flatten=self.flatten):
                     total += float(forward_loss_sum(
                         engine, model_inputs(batch, self.attn, self.dtype, info.device),
                         batch["labels"].to(info.device), fused=self.fused_loss))
                     count += count_loss_tokens(batch)
+                    bar.update(1)
                 sums += [total, count]
+        bar.close()
         engine.train()
         sums = all_reduce_sum(sums, info.device)
         losses = [t / max(c, 1.0) for t, c in zip(sums[0::2], sums[1::2])]
@@ -407,12 +421,19 @@ class Trainer:
         else:
             loss = sum(sums[0::2]) / max(sum(counts), 1.0)
         result = {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                  "eval_loss_tokens": sum(counts)}
+                  "eval_loss_tokens": sum(counts),
+                  "eval_samples": sum(self.num_eval_samples(s) for s in data.sources),
+                  "eval_time_s": round(time.perf_counter() - t0, 3)}
         if len(data.sources) > 1:
             for name, l, c in zip(data.names, losses, counts):
                 result[f"eval_loss/{name}"] = l
                 result[f"eval_loss_tokens/{name}"] = c
         return result
+
+    def num_eval_samples(self, source) -> int:
+        """The first --eval_max_samples samples of one eval source (all when 0)."""
+        n = len(source)
+        return min(n, self.args.eval_max_samples) if self.args.eval_max_samples else n
 
     def trainer_state(self) -> dict:
         s = self.state
@@ -433,6 +454,8 @@ class Trainer:
                 "attn_implementation": self.attn,
                 "loss": "fused head" if self.fused_loss else "full logits", "zero_stage": 3 if self.zero3 else
                 self.ds_config.get("zero_optimization", {}).get("stage"),
+                "optimizer": dataclasses.asdict(self.opt_plan),
+                "lr_schedule": dataclasses.asdict(self.sched_plan),
                 "lora": self.lora_settings, "quantization": self.args.quantization,
                 "rope_parameters": self._rope_record(), "added_token_ids": self.new_token_ids,
                 "tokenizer_len": len(self.tokenizer) if self.tokenizer is not None else None,
@@ -467,12 +490,13 @@ class Trainer:
                               world_size=info.world_size, micro_batch_size=a.micro_batch_size,
                               pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
                               seed=a.seed, source_starts=self.train_data.starts if several else None)
-        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
-                       initial_step=st.step, tensorboard=a.report_to == "tensorboard")
         if info.is_main:
             log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
                      self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
                      _precision_name(self.dtype), self.attn, 3 if self.zero3 else 2)
+        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
+                       initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
+                       config=self.resolved_config())
         batches = iter(loader)
         window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
         saved_at = -1
@@ -521,7 +545,8 @@ class Trainer:
         self.state.eval_history.append(result)
         rep.log(result)
         rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} "
-                  f"ppl {result['eval_ppl']:.2f}")
+                  f"ppl {result['eval_ppl']:.2f} ({result['eval_samples']} samples, "
+                  f"{result['eval_time_s']:.1f} s)")
 
 
 def _setup_logging() -> None:
@@ -532,7 +557,15 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_and_validate(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    from trainer import console
+    console.install(is_main=is_main)
     _setup_logging()
+    if is_main:
+        from shardfmt.run_config import format_resolved
+        source = f"--config {args.config} + command line" if args.config else "command line"
+        print(format_resolved(args.to_dict(), title=f"trainer: resolved flags ({source}):"),
+              file=sys.stderr, flush=True)
     from shardfmt import IncompleteDatasetError
 
     from trainer.model import DataModelMismatch
@@ -543,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer: error before step 1: {e}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointSaveError, latest_checkpoint_name
-    try:
-        trainer.run()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    try:  # log lines go above the progress bar instead of through it
+        with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger(console.DS_LOGGER)]):
+            trainer.run()
     except (OSError, CheckpointSaveError) as e:  # disk full / file too large / unwritable
         latest = latest_checkpoint_name(trainer.run_dir / "checkpoints")
         print(f"trainer: error at step {trainer.state.step}: {e}; checkpoints/latest names "

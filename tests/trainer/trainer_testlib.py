@@ -14,6 +14,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+# The interpreter the deepspeed/torchrun launchers' shebangs name (the venv's real path): 1-process
+# runs started with it import DeepSpeed from the same path, so DeepSpeed's JIT ops (cpu_adam,
+# shm_comm) built by one kind of run are reused by the other instead of rebuilt (~1 min each).
+_REAL_VENV_PYTHON = Path(sys.prefix).resolve() / "bin" / "python"
+LAUNCHER_PYTHON = str(_REAL_VENV_PYTHON if _REAL_VENV_PYTHON.exists() else Path(sys.executable))
 NUM_WORDS = 120  # tokenizer: 4 specials + w0..w119  -> 124 ids
 
 
@@ -115,7 +120,7 @@ def train_cmd(launcher: str = "python", nproc: int = 1) -> list[str]:
     `torchrun --nproc_per_node N` (one process fewer before the ranks start: ~9 s less here)."""
     script = str(REPO / "trainer" / "train.py")
     if launcher == "python":
-        return [sys.executable, script]
+        return [LAUNCHER_PYTHON, script]
     if launcher == "deepspeed":
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
                 str(free_port()), script]
