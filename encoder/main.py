@@ -122,6 +122,8 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     encoder = SampleEncoder(spec, tokenizer=tok)
     stats = RunStats(max_length=args.max_length)
+    if args.encode_type == "preference":  # a pair sample holds two sequences
+        stats.sample_capacity = 2 * args.max_length
     clock = {"steady": time.time()}
 
     def ready() -> None:   # the engine is chosen (first batch read): set-up ends here
@@ -238,8 +240,12 @@ def accepted_docs(encoded: Iterable[Encoded_], *, stats: RunStats, plugin_path: 
 
 
 def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterator[Sample]:
-    """qa/chat documents -> training samples: packed bins, or one document each."""
-    if args.merge_data:
+    """qa/chat documents (or preference pairs) -> training samples: packed bins, or one each."""
+    if args.encode_type == "preference":  # whole pairs only (encoder/preference.py)
+        from encoder.preference import pair_samples
+        yield from pair_samples(docs, max_length=args.max_length, merge_data=args.merge_data,
+                                pack_window=args.pack_window)
+    elif args.merge_data:
         pairs = ((d.ids, d.mask) for d in docs)
         for packed in pack_windows(pairs, capacity=args.max_length, window=args.pack_window):
             yield packed, False
@@ -281,9 +287,12 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
 
     packing = "chunk" if args.encode_type == "pretrain" else "bfd" if args.merge_data else "none"
     tokens_per_file = int(args.tokens_per_file)
+    pairs = args.encode_type == "preference"
     try:
+        # a pair sample holds two sequences of up to max_length each
         writer = ShardWriter(args.output_path, args.corpus_name, dtype=dtype,
-                             encode_type=args.encode_type, max_length=args.max_length,
+                             encode_type=args.encode_type,
+                             max_length=args.max_length * (2 if pairs else 1),
                              tokens_per_file=tokens_per_file,
                              tokenizer_info={}, packing=packing,
                              metadata=run_metadata(args, encoder=encoder, added=added, part=part),
@@ -300,6 +309,10 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
                 shard_tokens.append(0)
             shard_tokens[-1] += n
         stats.tokens_per_shard = shard_tokens
+        if pairs:
+            from shardfmt.preference import preference_manifest_entry
+            w.manifest_extra["preference"] = preference_manifest_entry(
+                sequence_max_length=args.max_length, pairs=w.counts["docs"] // 2)
         w.metadata["stats"] = result = stats.as_dict()
         result["tokenizer_backend"] = w.metadata["encoder"]["tokenizer_backend"] = \
             encoder.backend_info()   # chosen on the first batch, after the writer was created

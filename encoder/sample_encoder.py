@@ -169,6 +169,10 @@ class SampleEncoder:
         self.backend_reason = ""
         self.cross_checked = 0
         self._markup_cache: dict[str, np.ndarray] = {}
+        self._pairs = None
+        if spec.encode_type == "preference":  # each side encoded as chat (encoder/preference.py)
+            from encoder.preference import PairEncoder
+            self._pairs = PairEncoder(self)
 
     def _control_ids(self) -> frozenset[int]:
         """Ids that data text must never produce: BOS, EOS, pad, unk, the template's markers."""
@@ -214,6 +218,8 @@ class SampleEncoder:
     def encode_batch(self, rows: list[Any], row_ids: Any = None) -> EncodedBatch:
         """Encode a batch into flat arrays. `row_ids` (the plugin's row numbers; default the
         positions) choose the cross-checked sample and name a failing row."""
+        if self._pairs is not None:
+            return self._pairs.encode_batch(rows)
         if self.engine is None:
             self.select_backend(rows)
         seg_rows, invalid = self._segments(rows)

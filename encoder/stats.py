@@ -78,6 +78,7 @@ class RunStats:
     remainder_tokens: int = 0
     remainder_dropped: bool = False
     tokens_per_shard: list[int] = field(default_factory=list)
+    sample_capacity: int | None = None   # tokens a sample can hold, if not max_length (pairs: 2x)
 
     def skip(self, reason: str) -> None:
         self.skipped += 1
@@ -88,7 +89,7 @@ class RunStats:
         """Tokens written / (samples * max_length)."""
         n = len(self.sample_lengths)
         total = np.frombuffer(self.sample_lengths, dtype=np.int32).sum(dtype=np.int64) if n else 0
-        return float(total) / (n * self.max_length) if n else 0.0
+        return float(total) / (n * (self.sample_capacity or self.max_length)) if n else 0.0
 
     def as_dict(self) -> dict:
         over = int(np.count_nonzero(np.frombuffer(self.doc_lengths, dtype=np.int32)

@@ -245,6 +245,9 @@ class Dataset:
         self._shards: list[_ShardFiles] = []
         for d in self.directories:
             manifest = _read_manifest(d)
+            if manifest.get("encode_type") == "preference":  # pairs: shardfmt/preference.py
+                from shardfmt.preference import check_preference_manifest
+                check_preference_manifest(manifest, path=str(d / MANIFEST_NAME))
             self.manifests.append(manifest)
             dtype = np.dtype(manifest["dtype"])
             for entry in manifest["shards"]:

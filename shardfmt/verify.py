@@ -87,4 +87,22 @@ def verify_shard(shard: "_ShardFiles") -> list[str]:
 
 def verify_dataset(ds: "TokenDataset") -> list[str]:
     """Problems found (empty list = the dataset is intact), each naming the file. Any kind."""
-    return ds.verify()
+    problems = ds.verify()
+    manifest = getattr(ds, "manifest", None)
+    if manifest and manifest.get("encode_type") == "preference":  # shardfmt/preference.py
+        for shard in ds.shards():
+            problems += _check_pairs(shard)
+    return problems
+
+
+def _check_pairs(shard: _ShardFiles) -> list[str]:
+    """A preference shard: every sample holds whole (chosen, rejected) pairs."""
+    try:
+        per_sample = np.diff(shard.open()["sample_doc_offsets"])
+    except (CorruptShardError, ValueError):
+        return []  # reported above
+    odd = np.flatnonzero(per_sample % 2)
+    if odd.size:
+        return [f"{shard.idx_path}: sample {int(odd[0])} has {int(per_sample[odd[0]])} segments, "
+                f"not whole (chosen, rejected) pairs"]
+    return []

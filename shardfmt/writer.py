@@ -26,7 +26,7 @@ from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, MANIFEST_FORMAT, 
                            WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
                            shard_file_names, smallest_dtype_for)
 
-ENCODE_TYPES = ("pretrain", "qa", "chat")
+ENCODE_TYPES = ("pretrain", "qa", "chat", "preference")  # preference: see shardfmt/preference.py
 _FLUSH_TOKENS = 1 << 21  # ~4 MB of uint16 per write() call
 
 
@@ -194,7 +194,8 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, corpus_name: str, *, dtype: str,
                  encode_type: str, max_length: int, tokenizer_info: dict,
                  tokens_per_file: int = 500_000_000, packing: str | dict = "none",
-                 metadata: dict | None = None, overwrite: bool = False):
+                 metadata: dict | None = None, overwrite: bool = False,
+                 manifest_extra: dict | None = None):
         if dtype not in WRITABLE_DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {WRITABLE_DTYPES}")
         if encode_type not in ENCODE_TYPES:
@@ -214,6 +215,9 @@ class ShardWriter:
         self.tokenizer_info = dict(tokenizer_info)
         self.packing = packing
         self.metadata: dict = dict(metadata or {})
+        # top-level manifest records beside the standard ones (e.g. "preference"); may be filled
+        # in until close()
+        self.manifest_extra: dict = dict(manifest_extra or {})
         self._prepare_directory(overwrite)
         self._shards: list[dict] = []
         self._current: _ShardBuilder | None = None
@@ -397,6 +401,7 @@ class ShardWriter:
             "tokenizer": self.tokenizer_info,
             "totals": totals,
             "shards": self._shards,
+            **self.manifest_extra,
             "metadata": self.metadata,
             "created_unix": round(self._started, 3),
             "writer": {"python": sys.version.split()[0], "numpy": np.__version__},

@@ -29,4 +29,4 @@ def test_v1_dataset_opens_and_reads_back(name):
 def test_v1_dataset_verifies():
     from shardfmt.verify import verify_dataset
     for name in EXPECTED:
-        assert not verify_dataset(FIXTURES / name)
+        assert not verify_dataset(open_dataset(FIXTURES / name))

@@ -1,0 +1,82 @@
+"""Preference pairs in shardfmt datasets: no new bytes, a convention recorded in the manifest.
+
+A preference dataset (`encode_type: "preference"`) stores each pair as two consecutive document
+segments of one sample: the chosen sequence, then the rejected one (each = prompt + response,
+formatted as qa/chat would format it; its loss spans cover the response). A packed sample holds
+several whole pairs: segments c0 r0 c1 r1 ... A pair is never split across samples, so a sample
+always has an even number of segments. The byte layout is format version 1 unchanged; the manifest
+says how to read the segments:
+
+    "encode_type": "preference",
+    "preference": {"layout": "pairs", "segments_per_pair": 2, "order": ["chosen", "rejected"],
+                   "sequence_max_length": 512, "pairs": 300}
+
+A reader that knows nothing of pairs still reads valid samples (each sequence is its own document,
+so packing-aware attention never lets chosen and rejected see each other).
+
+>>> ds = open_dataset("out/dpo")                                  # doctest: +SKIP
+>>> [(p.chosen.input_ids, p.rejected.input_ids) for p in read_pairs(ds, 0)]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from shardfmt.reader import Sample
+
+PREFERENCE_ENCODE_TYPE = "preference"
+PAIR_ORDER = ("chosen", "rejected")
+
+
+class Pair(NamedTuple):
+    chosen: Sample    # one document: input_ids, loss_mask, doc_lens == [len]
+    rejected: Sample
+
+
+def preference_manifest_entry(*, sequence_max_length: int, pairs: int) -> dict:
+    """The manifest's "preference" record (the writer stores it at the top level)."""
+    return {"layout": "pairs", "segments_per_pair": 2, "order": list(PAIR_ORDER),
+            "sequence_max_length": int(sequence_max_length), "pairs": int(pairs)}
+
+
+def is_preference(manifest: dict | None) -> bool:
+    """True if `manifest` describes a dataset of preference pairs."""
+    return bool(manifest) and manifest.get("encode_type") == PREFERENCE_ENCODE_TYPE
+
+
+def check_preference_manifest(manifest: dict, *, path: str) -> None:
+    """Refuse a manifest that claims pairs in a layout this reader does not know."""
+    entry = manifest.get("preference")
+    if not isinstance(entry, dict) or entry.get("layout") != "pairs" or \
+            entry.get("segments_per_pair") != 2 or list(entry.get("order", [])) != list(PAIR_ORDER):
+        raise ValueError(f"{path}: encode_type 'preference' but the manifest's 'preference' record "
+                         f"is {entry!r}; this reader knows layout 'pairs' (2 segments: chosen, "
+                         f"rejected). Re-encode with this version of the encoder.")
+
+
+def split_pairs(sample: Sample, *, where: str = "sample") -> list[Pair]:
+    """A pair sample -> its pairs, in order (zero-copy views of the sample's arrays)."""
+    lens = np.asarray(sample.doc_lens, dtype=np.int64)
+    if len(lens) % 2:
+        raise ValueError(f"{where}: {len(lens)} document segments, not a whole number of "
+                         f"(chosen, rejected) pairs; is this a preference dataset?")
+    ends = np.cumsum(lens).tolist()
+    starts = [0] + ends[:-1]
+    docs = [Sample(sample.input_ids[a:b], sample.loss_mask[a:b], lens[k:k + 1].astype(np.int32))
+            for k, (a, b) in enumerate(zip(starts, ends))]
+    return [Pair(docs[k], docs[k + 1]) for k in range(0, len(docs), 2)]
+
+
+def read_pairs(dataset, i: int) -> list[Pair]:
+    """The pairs of sample `i` of a preference dataset (one pair, or several when packed)."""
+    return split_pairs(dataset[i], where=f"sample {i}")
+
+
+def pair_counts(dataset) -> np.ndarray:
+    """Number of pairs in every sample (from the index only)."""
+    counts = []
+    for shard in dataset.shards():
+        counts.append(np.diff(shard.open()["sample_doc_offsets"]) // 2)
+    return np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, np.int64)
