@@ -26,6 +26,7 @@ ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # any subset; "none" = no tracker
 NEW_TOKEN_INITS = ("auto", "mean", "decompose")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")  # trainer/preference.py
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -83,6 +84,15 @@ class TrainArgs:
     adam_epsilon: float = 1e-8
     eval_max_samples: int = 0
     config: str | None = None
+    # --- preference objectives (trainer/preference.py) ---
+    objective: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    orpo_alpha: float = 0.1
+    sft_weight: float = 0.0
+    ref_model_path: str | None = None
+    precomputed_ref_logps: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "decompose when the model's own tokenizer is known, else mean")
     g.add_argument("--ignore_tokenizer_mismatch", action="store_true",
                    help="train even if the dataset was encoded with a different tokenizer")
+    g = p.add_argument_group("objective (preference: trainer/preference.py)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="sft: next-token loss on qa/chat/pretrain data; dpo|ipo|orpo|simpo: on "
+                   "preference pairs (encoder --encode_type preference)")
+    g.add_argument("--beta", type=float, default=d.beta, help="dpo/ipo/simpo temperature "
+                   "(TRL's beta; IPO's tau)")
+    g.add_argument("--label_smoothing", type=float, default=d.label_smoothing,
+                   help="dpo/simpo: probability that a pair's labels are flipped (conservative "
+                   "DPO), in [0, 0.5)")
+    g.add_argument("--simpo_gamma", type=float, default=d.simpo_gamma, help="simpo target reward "
+                   "margin gamma")
+    g.add_argument("--orpo_alpha", type=float, default=d.orpo_alpha, help="orpo weight of the odds "
+                   "ratio term (the paper's lambda, TRL's beta)")
+    g.add_argument("--sft_weight", type=float, default=d.sft_weight, help="add this times the "
+                   "chosen response's per-token NLL to every pair's loss")
+    g.add_argument("--ref_model_path", default=None, help="dpo/ipo reference model (default: the "
+                   "starting --model_path; under LoRA: the policy with adapters disabled)")
+    g.add_argument("--precomputed_ref_logps", action="store_true", help="dpo/ipo: read the "
+                   "reference log-probs from reference_logps.npz beside each dataset (python -m "
+                   "trainer.reference_logps), so training holds one model")
     g = p.add_argument_group("saving and logging")
     g.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: off)")
     g.add_argument("--save_epochs", type=int, default=0, help="save every N epochs (0: off)")
@@ -401,6 +431,27 @@ def _check_quantization_and_rope(args: TrainArgs, problems: list[str]) -> None:
         if args.original_max_positions is not None and args.original_max_positions < 1:
             problems.append(f"--original_max_positions must be >= 1 (got "
                             f"{args.original_max_positions})")
+def _check_objective(args: TrainArgs, problems: list[str]) -> None:
+    if args.objective == "sft":
+        for name, default in (("ref_model_path", None), ("precomputed_ref_logps", False),
+                              ("sft_weight", 0.0)):
+            if getattr(args, name) != default:
+                problems.append(f"--{name} is for preference objectives; add --objective "
+                                f"dpo|ipo|orpo|simpo or drop it")
+        return
+    if args.beta <= 0:
+        problems.append(f"--beta must be > 0 (got {args.beta})")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        problems.append(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})")
+    if args.label_smoothing and args.objective not in ("dpo", "simpo"):
+        problems.append(f"--label_smoothing applies to dpo and simpo, not {args.objective}")
+    if args.orpo_alpha < 0 or args.sft_weight < 0:
+        problems.append("--orpo_alpha and --sft_weight must be >= 0")
+    if args.objective not in ("dpo", "ipo") and (args.ref_model_path or args.precomputed_ref_logps):
+        problems.append(f"--objective {args.objective} uses no reference model; drop "
+                        f"--ref_model_path/--precomputed_ref_logps")
+    if args.ref_model_path and not (Path(args.ref_model_path) / "config.json").is_file():
+        problems.append(f"--ref_model_path {args.ref_model_path}: no config.json there")
 
 
 def _deepspeed_section_problems(args: TrainArgs, path: Path) -> list[str]:
@@ -432,6 +483,7 @@ def validate_args(args: TrainArgs) -> list[str]:
     _check_paths(args, problems)
     _check_combinations(args, problems)
     _check_quantization_and_rope(args, problems)
+    _check_objective(args, problems)
     return problems
 
 

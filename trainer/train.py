@@ -134,6 +134,9 @@ class Trainer:
             raise SetupError(f"--add_tokens needs a tokenizer, but none loads from {tok_src}")
         pad = None if self.tokenizer is None else self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
+        from trainer.preference import check_datasets
+        check_datasets(args.objective, {"--data_path": self.train_ds.manifests,
+                                        "--eval_data_path": self.eval_ds.manifests if self.eval_ds else []})
 
         # ---- precision, attention, DeepSpeed config
         self.dtype = mdl.resolve_precision(args.precision)
@@ -206,11 +209,23 @@ class Trainer:
             if info.is_main:
                 model.print_trainable_parameters()
 
-        self.fused_loss = self._choose_fused_loss(model)
+        self.pref = None  # --objective dpo|ipo|orpo|simpo: trainer/preference.py
+        if args.objective != "sft":
+            from trainer.preference import ObjectiveSettings, PreferenceRun
+            self.pref = PreferenceRun(
+                ObjectiveSettings(args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
+                                  simpo_gamma=args.simpo_gamma, orpo_alpha=args.orpo_alpha,
+                                  sft_weight=args.sft_weight),
+                train_ds=self.train_ds, eval_ds=self.eval_ds, args=args, info=info, dtype=self.dtype,
+                attn=self.attn, flatten=self.flatten, pad_id=self.pad_id)
+        # preference objectives need per-sequence log-probs: full logits
+        self.fused_loss = self._choose_fused_loss(model) and self.pref is None
         self.source_window: dict[str, list[float]] = {}  # per-source [loss sum, loss tokens]
 
         # ---- optimizer, schedule, engine
         self.engine = self._build_engine(model)
+        if self.pref is not None:
+            self.pref.setup_reference(use_lora=args.use_lora, ds_config=self.ds_config, zero3=self.zero3)
 
         # ---- state and data position
         from trainer.data import build_train_sampler
@@ -245,12 +260,17 @@ class Trainer:
         return config
 
     def _check_data(self, model) -> None:
+        import numpy as np
+
         from trainer import model as mdl
         rows = mdl.embedding_rows(model)
         for flag, ds in (("--data_path", self.train_ds), ("--eval_data_path", self.eval_ds)):
             if ds is None:
                 continue
             lengths = ds.sample_lengths()
+            if self.args.objective != "sft":  # pairs: positions restart at every sequence
+                lengths = np.concatenate([s.open()["doc_lens"] for s in ds.shards()]) \
+                    if ds.num_shards else lengths
             mdl.check_data_fits_model(max_token_id=ds.max_token_id,
                                       max_length=int(lengths.max()) if len(lengths) else 0,
                                       embedding_rows=rows, max_positions=mdl.max_positions(model),
@@ -329,6 +349,8 @@ class Trainer:
         from trainer.dist import all_reduce_sum
         from trainer.loss import forward_loss_sum
         info, engine = self.info, self.engine
+        if self.pref is not None:  # per-pair losses over the global number of pairs
+            return self.pref.train_step(engine, micro_batches)
         local_count = sum(count_loss_tokens(b) for b in micro_batches)
         (global_count,) = all_reduce_sum([local_count], info.device)
         # DeepSpeed averages gradients over ranks; scale_wrt_gas=False stops the 1/gas division.
@@ -392,6 +414,8 @@ class Trainer:
 
         from trainer.loss import forward_loss_sum
         info, engine, data, a = self.info, self.engine, self.eval_data, self.args
+        if self.pref is not None:
+            return self.pref.evaluate(engine, self.state.step)
         t0 = time.perf_counter()
         shards = [eval_shard(self.num_eval_samples(source), info.rank, info.world_size,
                              a.micro_batch_size) for source in data.sources]
@@ -452,7 +476,9 @@ class Trainer:
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "precision": _precision_name(self.dtype),
                 "attn_implementation": self.attn,
-                "loss": "fused head" if self.fused_loss else "full logits", "zero_stage": 3 if self.zero3 else
+                "loss": "fused head" if self.fused_loss else "full logits",
+                "objective": self.args.objective,
+                "reference": self.pref.reference_source() if self.pref else None, "zero_stage": 3 if self.zero3 else
                 self.ds_config.get("zero_optimization", {}).get("stage"),
                 "optimizer": dataclasses.asdict(self.opt_plan),
                 "lr_schedule": dataclasses.asdict(self.sched_plan),
@@ -467,6 +493,10 @@ class Trainer:
 
     def save(self) -> Path:
         from trainer.checkpoint import save_checkpoint
+        if self.pref is not None and self.info.is_main:
+            from trainer.preference import plot_preference_curves
+            plot_preference_curves(self.state.loss_history, self.state.eval_history,
+                                   self.run_dir / "preference_curves.png")
         return save_checkpoint(engine=self.engine, tokenizer=self.tokenizer, run_dir=self.run_dir,
                                step=self.state.step, state=self.trainer_state(),
                                resolved=self.resolved_config(), info=self.info, zero3=self.zero3,
@@ -486,10 +516,18 @@ class Trainer:
         from trainer.metrics import Reporter
         a, info, st = self.args, self.info, self.state
         several = len(self.train_data.sources) > 1
-        loader = train_loader(self.train_ds, self.sampler, start=st.consumed_samples, rank=info.rank,
-                              world_size=info.world_size, micro_batch_size=a.micro_batch_size,
-                              pad_id=self.pad_id, flatten=self.flatten, num_workers=a.num_workers,
-                              seed=a.seed, source_starts=self.train_data.starts if several else None)
+        if self.pref is not None:  # preference pairs (trainer/preference.py)
+            from trainer.preference import pair_loader
+            loader = pair_loader(self.pref.train_source, self.sampler, start=st.consumed_samples,
+                                 rank=info.rank, world_size=info.world_size,
+                                 micro_batch_size=a.micro_batch_size, pad_id=self.pad_id,
+                                 flatten=self.flatten, num_workers=a.num_workers, seed=a.seed)
+        else:
+            loader = train_loader(self.train_ds, self.sampler, start=st.consumed_samples,
+                                  rank=info.rank, world_size=info.world_size,
+                                  micro_batch_size=a.micro_batch_size, pad_id=self.pad_id,
+                                  flatten=self.flatten, num_workers=a.num_workers, seed=a.seed,
+                                  source_starts=self.train_data.starts if several else None)
         if info.is_main:
             log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
                      self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
@@ -510,7 +548,8 @@ class Trainer:
             st.step += 1
             st.consumed_samples += self.global_batch
             lr = float(self.engine.get_lr()[0])
-            st.loss_history.append({"step": st.step, "loss": loss, "lr": lr})
+            st.loss_history.append({"step": st.step, "loss": loss, "lr": lr,
+                                    **(self.pref.last if self.pref else {})})
             window["loss_sum"] += loss * count
             window["count"] += count
             window["tokens"] += local_tokens
@@ -526,7 +565,8 @@ class Trainer:
                          "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
                          "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
                          "samples_seen": st.consumed_samples,
-                         **(self.source_metrics() if several else {})})
+                         **(self.source_metrics() if several else {}),
+                         **(self.pref.window_metrics() if self.pref else {})})
                 window = dict.fromkeys(window, 0)
             if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
                 self._eval_and_log(rep)
@@ -544,6 +584,11 @@ class Trainer:
         result = self.evaluate()
         self.state.eval_history.append(result)
         rep.log(result)
+        if self.pref is not None:
+            rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} reward accuracy "
+                      f"{result['eval_rewards/accuracies']:.3f} margin "
+                      f"{result['eval_rewards/margins']:.3f}")
+            return
         rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} "
                   f"ppl {result['eval_ppl']:.2f} ({result['eval_samples']} samples, "
                   f"{result['eval_time_s']:.1f} s)")

@@ -1,0 +1,484 @@
+"""Preference objectives (`--objective dpo|ipo|orpo|simpo`) on pair datasets (shardfmt/preference.py).
+
+Per pair p, with s = log pi(response | prompt) summed over the response tokens, n = their count,
+and r = the same under the reference model (the formulas and defaults of TRL 1.16; tests compare
+losses and rewards with TRL's own code):
+
+  dpo    z = (s_c - r_c) - (s_r - r_r)
+         loss = -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)   (eps = --label_smoothing:
+         conservative DPO; eps = 0 is TRL's "sigmoid")                   reward = beta (s - r)
+  ipo    loss = ((s_c - r_c)/n_c - (s_r - r_r)/n_r - 1/(2 beta))^2      reward = beta (s - r)
+  simpo  a = s/n;  z = a_c - a_r - gamma/beta
+         loss = -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)    reward = beta a
+  orpo   a = s/n;  log_odds = (a_c - a_r) - (log(1-e^a_c) - log(1-e^a_r))
+         loss = -a_c - alpha logsigmoid(log_odds)   (NLL of the chosen response + odds ratio)
+                                                                         reward = alpha a
+  + sft_weight * (-a_c)   (--sft_weight: NLL of the chosen response, per token, for any objective)
+
+Global normalisation, as for SFT: the loss of an optimizer step is the sum of the per-pair losses
+of the whole global batch (all micro-steps and ranks) divided by the global number of pairs, which
+is all-reduced before the first backward. So accumulation, data parallelism and packing (several
+pairs per sample: each sequence is its own document, attention never crosses them) give the same
+gradients as one big batch.
+
+Reference log-probs (dpo, ipo) come from, in this order: a precomputed file beside each dataset
+(`--precomputed_ref_logps`, written by `python -m trainer.reference_logps`; refused unless its
+dataset and model hashes match); `--ref_model_path` (default: the starting model, loaded a second
+time, frozen; under ZeRO-3 partitioned like the policy); or, under LoRA without --ref_model_path,
+the policy with its adapters disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from shardfmt import Sample
+from shardfmt.preference import is_preference, pair_counts, split_pairs
+from trainer.data import IGNORE_INDEX, RankSampler, collate
+
+log = logging.getLogger("trainer")
+
+REFERENCE_OBJECTIVES = ("dpo", "ipo")        # the ones that need reference log-probs (of OBJECTIVES
+                                             # in trainer/args.py)
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+REF_LOGPS_FILE = "reference_logps.npz"
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    objective: str
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    orpo_alpha: float = 0.1
+    sft_weight: float = 0.0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective in REFERENCE_OBJECTIVES
+
+
+# -- the losses (pure functions of per-pair log-probs; fp32 or fp64) ------------------------------
+def pair_losses(s: ObjectiveSettings, *, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                chosen_lens: torch.Tensor, rejected_lens: torch.Tensor,
+                ref_chosen_logps: torch.Tensor | None = None,
+                ref_rejected_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-pair `loss`, `chosen_rewards`, `rejected_rewards` and the `chosen_logps` /
+    `rejected_logps` the objective uses (sums for dpo/ipo, per-token averages for simpo/orpo)."""
+    eps = s.label_smoothing
+    n_c, n_r = chosen_lens.clamp(min=1).to(chosen_logps.dtype), \
+        rejected_lens.clamp(min=1).to(chosen_logps.dtype)
+    avg_c, avg_r = chosen_logps / n_c, rejected_logps / n_r
+    if s.objective in REFERENCE_OBJECTIVES:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"--objective {s.objective} needs reference log-probs")
+        ratio_c, ratio_r = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        if s.objective == "dpo":
+            z = ratio_c - ratio_r
+            loss = -(1 - eps) * F.logsigmoid(s.beta * z) - eps * F.logsigmoid(-s.beta * z)
+        else:
+            loss = (ratio_c / n_c - ratio_r / n_r - 1 / (2 * s.beta)) ** 2
+        reward_c, reward_r = s.beta * ratio_c, s.beta * ratio_r
+        used_c, used_r = chosen_logps, rejected_logps
+    elif s.objective == "simpo":
+        z = avg_c - avg_r - s.simpo_gamma / s.beta
+        loss = -(1 - eps) * F.logsigmoid(s.beta * z) - eps * F.logsigmoid(-s.beta * z)
+        reward_c, reward_r = s.beta * avg_c, s.beta * avg_r
+        used_c, used_r = avg_c, avg_r
+    elif s.objective == "orpo":
+        log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+        loss = -avg_c - s.orpo_alpha * F.logsigmoid(log_odds)
+        reward_c, reward_r = s.orpo_alpha * avg_c, s.orpo_alpha * avg_r
+        used_c, used_r = avg_c, avg_r
+    else:
+        raise ValueError(f"--objective {s.objective}: not a preference objective")
+    if s.sft_weight:
+        loss = loss + s.sft_weight * (-avg_c)
+    return {"loss": loss, "chosen_rewards": reward_c.detach(), "rejected_rewards": reward_r.detach(),
+            "chosen_logps": used_c.detach(), "rejected_logps": used_r.detach()}
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012), as in TRL's ORPO."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))
+
+
+def metric_sums(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sums over the pairs of a micro-batch (divided by the global pair count later)."""
+    c, r = out["chosen_rewards"], out["rejected_rewards"]
+    return {"loss": float(out["loss"].detach().sum()), "rewards/chosen": float(c.sum()),
+            "rewards/rejected": float(r.sum()), "rewards/accuracies": float((c > r).float().sum()),
+            "rewards/margins": float((c - r).sum()), "logps/chosen": float(out["chosen_logps"].sum()),
+            "logps/rejected": float(out["rejected_logps"].sum())}
+
+
+# -- batches of pairs ----------------------------------------------------------------------------
+class PairSource(torch.utils.data.Dataset):
+    """Samples of a preference dataset, each with the precomputed reference log-probs of its pairs
+    (shape (pairs, 2): chosen, rejected) or None."""
+
+    def __init__(self, dataset, ref_logps: np.ndarray | None = None):
+        self.dataset = dataset
+        counts = pair_counts(dataset)
+        self.pair_start = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self.num_pairs = int(self.pair_start[-1])
+        if ref_logps is not None and len(ref_logps) != self.num_pairs:
+            raise ValueError(f"reference log-probs for {len(ref_logps)} pairs, the dataset has "
+                             f"{self.num_pairs}")
+        self.ref_logps = ref_logps
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[int(i)]
+        ref = None
+        if self.ref_logps is not None:
+            ref = self.ref_logps[self.pair_start[i]:self.pair_start[i + 1]]
+        return sample, ref
+
+
+def collate_pairs(items: Sequence[tuple[Sample, np.ndarray | None]], *, pad_id: int,
+                  flatten: bool) -> dict:
+    """`trainer.data.collate` (each sequence is one document) plus, per token position, the global
+    sequence number within the micro-batch whose next token it predicts (`label_seq`, -1 where no
+    label): sequence 2k is pair k's chosen, 2k+1 its rejected."""
+    samples = [s for s, _ in items]
+    for k, s in enumerate(samples):
+        if len(s.doc_lens) % 2:
+            split_pairs(s, where=f"micro-batch sample {k}")  # raises, naming the problem
+    batch = collate(samples, pad_id=pad_id, flatten=flatten)
+    seg = batch["segment_ids"].numpy()
+    if not flatten:  # per row, segments restart at 0: offset them by the earlier rows' segments
+        per_row = [len(s.doc_lens) for s in samples]
+        offsets = np.cumsum([0] + per_row[:-1])[:, None]
+        seg = np.where(seg >= 0, seg + offsets, -1)
+    next_seg = np.pad(seg, ((0, 0), (0, 1)), constant_values=-1)[:, 1:]
+    labels_next = np.pad(batch["labels"].numpy(), ((0, 0), (0, 1)),
+                         constant_values=IGNORE_INDEX)[:, 1:]
+    label_seq = np.where(labels_next != IGNORE_INDEX, next_seg, -1)
+    batch["label_seq"] = torch.from_numpy(label_seq)
+    num_seqs = sum(len(s.doc_lens) for s in samples)
+    batch["num_pairs"] = num_seqs // 2
+    if all(r is not None for _, r in items):
+        batch["ref_logps"] = torch.from_numpy(np.concatenate([r for _, r in items]).astype(np.float64))
+    return batch
+
+
+class _PairCollator:
+    def __init__(self, pad_id: int, flatten: bool):
+        self.pad_id, self.flatten = pad_id, flatten
+
+    def __call__(self, items):
+        return collate_pairs(items, pad_id=self.pad_id, flatten=self.flatten)
+
+
+def pair_loader(source: PairSource, sampler, *, start: int, rank: int, world_size: int,
+                micro_batch_size: int, pad_id: int, flatten: bool, num_workers: int,
+                seed: int) -> DataLoader:
+    """Endless DataLoader of pair micro-batches (same global order as `trainer.data.train_loader`)."""
+    generator = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(source, batch_size=micro_batch_size,
+                      sampler=RankSampler(sampler, start=start, rank=rank, world_size=world_size),
+                      collate_fn=_PairCollator(pad_id, flatten), num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=generator)
+
+
+# -- log-probs -----------------------------------------------------------------------------------
+def sequence_logps(model, inputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(token) over each sequence's labelled tokens, their count), in fp32, for the
+    2 * num_pairs sequences of the batch, from full logits (one B x L x V tensor)."""
+    logits = model(**inputs).logits
+    labels = batch["labels"].to(logits.device)
+    next_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    seq = batch["label_seq"].to(logits.device)
+    keep = next_labels != IGNORE_INDEX
+    token_logps = -F.cross_entropy(logits[keep].float(), next_labels[keep], reduction="none")
+    n = 2 * batch["num_pairs"]
+    sums = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, seq[keep],
+                                                                               token_logps)
+    counts = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(
+        0, seq[keep], torch.ones_like(token_logps))
+    return sums, counts
+
+
+# -- precomputed reference file ------------------------------------------------------------------
+def dataset_fingerprint(manifest: dict) -> str:
+    """xxh3-64 over the manifest's shard checksums: changes with any token of the dataset."""
+    import xxhash
+    h = xxhash.xxh3_64()
+    for shard in manifest["shards"]:
+        for kind in ("bin", "idx"):
+            h.update(f"{shard['name']}:{kind}:{shard['files'][kind]['xxh3_64']};".encode())
+    return h.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json")
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """xxh3-64 over the model directory's weight and config files (names, sizes and bytes);
+    ~0.1 s per GB."""
+    import xxhash
+    h = xxhash.xxh3_64()
+    root = Path(model_path)
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not p.name.startswith(("tokenizer", "special_tokens", "trainer_state",
+                                              "resolved_config", "generation_config")))
+    for p in files:
+        h.update(f"{p.name}:{p.stat().st_size};".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def save_reference_file(path: Path, logps: np.ndarray, meta: dict) -> None:
+    """npz with `logps` (pairs x 2, float64) and `meta` (JSON text): loads without pickle. Written
+    to a temporary name and renamed, so an interrupted run leaves no file that looks complete."""
+    import json
+    import os
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, logps=logps.astype(np.float64), meta=np.array(json.dumps(meta)))
+    os.replace(tmp, path)
+
+
+def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_pairs: int,
+                        ref_model_path: str) -> np.ndarray:
+    """The precomputed log-probs, refused (ValueError naming the file and the fix) if they were
+    computed for another dataset, another reference model or another pair count."""
+    import json
+    if not path.is_file():
+        raise ValueError(f"--precomputed_ref_logps: {path} not found; compute it with "
+                         f"`python -m trainer.reference_logps --model_path {ref_model_path} "
+                         f"--data_path {path.parent}`")
+    with np.load(path, allow_pickle=False) as z:
+        logps, meta = z["logps"], json.loads(str(z["meta"]))
+    fix = (f"recompute it: python -m trainer.reference_logps --model_path {ref_model_path} "
+           f"--data_path {path.parent} --overwrite")
+    if meta.get("dataset_hash") != dataset_hash:
+        raise ValueError(f"{path}: computed for another dataset (hash {meta.get('dataset_hash')}, "
+                         f"this one is {dataset_hash}); {fix}")
+    if meta.get("model_hash") != model_hash:
+        raise ValueError(f"{path}: computed with another reference model ({meta.get('model_path')}, "
+                         f"hash {meta.get('model_hash')}; {ref_model_path} is {model_hash}); {fix}")
+    if logps.shape != (num_pairs, 2):
+        raise ValueError(f"{path}: holds {logps.shape} values for {num_pairs} pairs; {fix}")
+    return logps
+
+
+# -- the run-time part ---------------------------------------------------------------------------
+def check_datasets(objective: str, datasets: dict[str, list[dict]]) -> None:
+    """Preference objectives need pair datasets and SFT needs the others; names the flag."""
+    for flag, manifests in datasets.items():
+        for m in manifests:
+            pairs = is_preference(m)
+            if objective == "sft" and pairs:
+                raise ValueError(f"{flag} {m.get('corpus_name')}: a preference (pair) dataset; "
+                                 f"train it with --objective dpo|ipo|orpo|simpo (add --sft_weight "
+                                 f"for an NLL term on chosen), or encode the data as qa/chat for SFT")
+            if objective != "sft" and not pairs:
+                raise ValueError(f"{flag} {m.get('corpus_name')}: encode_type "
+                                 f"{m.get('encode_type')!r}, but --objective {objective} needs "
+                                 f"preference pairs (encode with --encode_type preference)")
+
+
+class PreferenceRun:
+    """What `trainer/train.py` delegates to when --objective is not sft."""
+
+    def __init__(self, settings: ObjectiveSettings, *, train_ds, eval_ds, args, info, dtype,
+                 attn: str, flatten: bool, pad_id: int):
+        self.s = settings
+        self.args, self.info, self.dtype, self.attn = args, info, dtype, attn
+        self.flatten, self.pad_id = flatten, pad_id
+        self.ref_model = None
+        self.use_adapter_off = False
+        ref_train = ref_eval = None
+        self.ref_model_path = args.ref_model_path or args.model_path
+        if settings.needs_reference and args.precomputed_ref_logps:
+            ref_train = self._load_precomputed(train_ds, args.data_path)
+            if eval_ds is not None:
+                ref_eval = self._load_precomputed(eval_ds, args.eval_data_path)
+        self.train_source = PairSource(train_ds, ref_train)
+        self.eval_source = PairSource(eval_ds, ref_eval) if eval_ds is not None else None
+        self.window = dict.fromkeys(("pairs",) + METRIC_NAMES, 0.0)
+        self.last: dict[str, float] = {}
+
+    def _load_precomputed(self, ds, paths: list[str]) -> np.ndarray:
+        model_hash = model_fingerprint(self.ref_model_path)
+        parts = []
+        for path, manifest in zip(paths, ds.manifests):
+            n = int(manifest["totals"]["docs"]) // 2
+            parts.append(load_reference_file(Path(path) / REF_LOGPS_FILE,
+                                             dataset_hash=dataset_fingerprint(manifest),
+                                             model_hash=model_hash, num_pairs=n,
+                                             ref_model_path=self.ref_model_path))
+        return np.concatenate(parts)
+
+    def reference_source(self) -> str:
+        if not self.s.needs_reference:
+            return "none"
+        if self.args.precomputed_ref_logps:
+            return f"precomputed ({REF_LOGPS_FILE} beside each dataset)"
+        if self.use_adapter_off:
+            return "policy with LoRA adapters disabled"
+        return f"model {self.ref_model_path}"
+
+    # set-up after the policy exists
+    def setup_reference(self, *, use_lora: bool, ds_config: dict, zero3: bool) -> None:
+        if not self.s.needs_reference or self.args.precomputed_ref_logps:
+            return
+        if use_lora and not self.args.ref_model_path:
+            self.use_adapter_off = True
+            return
+        from trainer.model import load_model
+        ref = load_model(self.ref_model_path, from_scratch=False, dtype=self.dtype,
+                         attn_implementation=self.attn)
+        ref.requires_grad_(False)
+        ref.eval()
+        if zero3:  # partitioned like the policy; no optimizer (as TRL's prepare_deepspeed)
+            import copy
+
+            import deepspeed
+            cfg = copy.deepcopy(ds_config)
+            for key in ("optimizer", "scheduler"):
+                cfg.pop(key, None)
+            cfg.get("zero_optimization", {}).pop("offload_optimizer", None)
+            ref, *_ = deepspeed.initialize(model=ref, config=cfg)
+            ref.eval()
+        else:
+            ref.to(self.info.device)
+        self.ref_model = ref
+
+    def _reference_logps(self, engine, inputs: dict, batch: dict) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(self.info.device).reshape(-1)  # c0 r0 c1 r1 ...
+        with torch.no_grad():
+            if self.use_adapter_off:
+                with _adapters_disabled(engine.module):
+                    sums, _ = sequence_logps(engine.module, inputs, batch)
+            else:
+                sums, _ = sequence_logps(self.ref_model, inputs, batch)
+        return sums.double()
+
+    def micro_losses(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        from trainer.data import model_inputs
+        inputs = model_inputs(batch, self.attn, self.dtype, self.info.device)
+        sums, counts = sequence_logps(engine, inputs, batch)
+        ref = self._reference_logps(engine, inputs, batch) if self.s.needs_reference else None
+        return pair_losses(self.s, chosen_logps=sums[0::2], rejected_logps=sums[1::2],
+                           chosen_lens=counts[0::2], rejected_lens=counts[1::2],
+                           ref_chosen_logps=None if ref is None else ref[0::2].to(sums.dtype),
+                           ref_rejected_logps=None if ref is None else ref[1::2].to(sums.dtype))
+
+    def train_step(self, engine, micro_batches: list[dict]) -> tuple[float, int]:
+        """One optimizer step; returns (global mean per-pair loss, global pair count)."""
+        from trainer.dist import all_reduce_sum
+        local_pairs = sum(b["num_pairs"] for b in micro_batches)
+        (global_pairs,) = all_reduce_sum([local_pairs], self.info.device)
+        scale = self.info.world_size / max(global_pairs, 1.0)  # DeepSpeed averages over ranks
+        sums = dict.fromkeys(("loss",) + METRIC_NAMES, 0.0)
+        for batch in micro_batches:
+            out = self.micro_losses(engine, batch)
+            engine.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
+            engine.step()
+            for k, v in metric_sums(out).items():
+                sums[k] += v
+        keys = list(sums)
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.info.device)))
+        n = max(global_pairs, 1.0)
+        self.last = {k: totals[k] / n for k in METRIC_NAMES}
+        for k in METRIC_NAMES:
+            self.window[k] += totals[k]
+        self.window["pairs"] += global_pairs
+        return totals["loss"] / n, int(global_pairs)
+
+    def window_metrics(self) -> dict[str, float]:
+        """Means over the pairs since the last logging step (then reset)."""
+        n = max(self.window["pairs"], 1.0)
+        out = {k: self.window[k] / n for k in METRIC_NAMES}
+        out["pairs_per_step"] = self.window["pairs"]
+        self.window = dict.fromkeys(self.window, 0.0)
+        return out
+
+    def evaluate(self, engine, step: int) -> dict:
+        from trainer.data import eval_shard
+        from trainer.dist import all_reduce_sum
+        src, mbs = self.eval_source, self.args.micro_batch_size
+        shard = eval_shard(len(src), self.info.rank, self.info.world_size, mbs)
+        sums = dict.fromkeys(("loss",) + METRIC_NAMES, 0.0)
+        pairs = 0
+        engine.eval()
+        with torch.no_grad():
+            for k in range(0, len(shard.indices), mbs):
+                idx = shard.indices[k:k + mbs]
+                batch = collate_pairs([src[int(i)] for i in idx], pad_id=self.pad_id,
+                                      flatten=self.flatten)
+                out = self.micro_losses(engine, batch)
+                # zero-weight padding samples keep the ranks in lockstep but do not count
+                w = np.repeat(shard.weights[k:k + mbs],
+                              [src.pair_start[i + 1] - src.pair_start[i] for i in idx])
+                keep = torch.from_numpy(w > 0).to(out["loss"].device)
+                out = {key: v[keep] for key, v in out.items()}
+                pairs += int(keep.sum())
+                for key, v in metric_sums(out).items():
+                    sums[key] += v
+        engine.train()
+        keys = list(sums)
+        totals = all_reduce_sum([sums[k] for k in keys] + [pairs], self.info.device)
+        n = max(totals[-1], 1.0)
+        result = {"step": step, "eval_loss": totals[0] / n, "eval_pairs": int(totals[-1])}
+        for key, v in zip(keys[1:], totals[1:-1]):
+            result[f"eval_{key}"] = v / n
+        return result
+
+
+@contextlib.contextmanager
+def _adapters_disabled(model) -> Iterator[None]:
+    """peft's `disable_adapter()`: the base model's forward, same parameters, no copy."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the reference is 'the policy without its adapters', but the model has no "
+                         "LoRA adapters; pass --ref_model_path")
+    with model.disable_adapter():
+        yield
+
+
+def plot_preference_curves(history: list[dict], eval_history: list[dict], path: Path) -> None:
+    """rewards/chosen, rewards/rejected, margins and accuracies per logging step (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [h for h in history if "rewards/chosen" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [h["step"] for h in rows]
+    axes[0].plot(steps, [h["loss"] for h in rows], label="train loss")
+    ev = [e for e in eval_history if "eval_loss" in e]
+    if ev:
+        axes[0].plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", label="eval loss")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        axes[1].plot(steps, [h[key] for h in rows], label=key)
+    axes[2].plot(steps, [h["rewards/accuracies"] for h in rows], label="train")
+    if ev and "eval_rewards/accuracies" in ev[0]:
+        axes[2].plot([e["step"] for e in ev], [e["eval_rewards/accuracies"] for e in ev], "o-",
+                     label="eval")
+    for ax, title in zip(axes, ("loss", "rewards", "rewards/accuracies")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
