@@ -1,0 +1,201 @@
+"""Per-pair losses and rewards of trainer/preference.py equal TRL 1.16's own code, in fp32 on CPU,
+on the same model and pairs (<= 1e-5):
+  DPO (sigmoid) and IPO: `DPOTrainer._compute_loss` on one pair at a time (its loss is then the
+      pair's loss, its logged rewards/logps the pair's), policy and reference forwards by TRL;
+  SimPO: `CPOTrainer.cpo_loss(loss_type="simpo")` and ORPO: `ORPOTrainer.odds_ratio_loss`, fed
+      log-probs from TRL's `get_batch_logps` on TRL-style padded batches.
+Our side runs the trainer's path: pair collate (packed and unpacked, flattened sdpa_varlen
+attention) -> `sequence_logps` -> `pair_losses`. Run with -s to see the numbers."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from preference_testlib import make_pairs
+from shardfmt import Sample
+from trainer.preference import ObjectiveSettings, collate_pairs, pair_losses, sequence_logps
+from trainer_testlib import build_model, build_tokenizer
+
+TOL = 1e-5
+NUM_PAIRS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+    from trainer.attention import register_varlen_sdpa
+    out = tmp_path_factory.mktemp("trl")
+    tok = build_tokenizer(out / "tok")
+    build_model(out / "ref", vocab_size=len(tok))
+    tok.save_pretrained(str(out / "ref"))
+    torch.manual_seed(1)  # the policy: the reference moved a little, so ratios are not zero
+    policy = AutoModelForCausalLM.from_pretrained(out / "ref", dtype=torch.float32)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.save_pretrained(out / "policy")
+    register_varlen_sdpa()
+    models = {name: AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32,
+                                                         attn_implementation="sdpa_varlen").eval()
+              for name in ("policy", "ref")}
+    return {"dir": out, "tok": tok, "pairs": make_pairs(NUM_PAIRS, seed=3), "models": models}
+
+
+def _samples(pairs, per_sample: int) -> list[Sample]:
+    out = []
+    for k in range(0, len(pairs), per_sample):
+        ids, masks, lens = [], [], []
+        for chosen, rejected, p in pairs[k:k + per_sample]:
+            for seq in (chosen, rejected):
+                m = np.zeros(len(seq), bool)
+                m[p:] = True
+                ids.append(seq)
+                masks.append(m)
+                lens.append(len(seq))
+        out.append(Sample(np.concatenate(ids), np.concatenate(masks), np.array(lens, np.int32)))
+    return out
+
+
+def _ours(setup, per_sample: int) -> dict:
+    """Per-sequence (sum logps, counts) under policy and reference, the trainer's way."""
+    from trainer.data import model_inputs
+    batch = collate_pairs([(s, None) for s in _samples(setup["pairs"], per_sample)], pad_id=3,
+                          flatten=True)
+    inputs = model_inputs(batch, "sdpa_varlen", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        pol, counts = sequence_logps(setup["models"]["policy"], inputs, batch)
+        ref, _ = sequence_logps(setup["models"]["ref"], inputs, batch)
+    return {"pol": pol, "ref": ref, "counts": counts}
+
+
+def _our_losses(logps: dict, settings: ObjectiveSettings) -> dict:
+    pol, ref, n = logps["pol"], logps["ref"], logps["counts"]
+    return pair_losses(settings, chosen_logps=pol[0::2], rejected_logps=pol[1::2],
+                       chosen_lens=n[0::2], rejected_lens=n[1::2], ref_chosen_logps=ref[0::2],
+                       ref_rejected_logps=ref[1::2])
+
+
+@pytest.fixture(scope="module")
+def ours(setup):
+    return {k: _ours(setup, k) for k in (1, 3)}   # unpacked, and 3 pairs per packed sample
+
+
+def _report(name, rows):
+    worst = max(abs(a - b) for row in rows for a, b in row[1:])
+    print(f"\n{name}: max |ours - TRL| = {worst:.2e} over {len(rows)} pairs")
+    for k, *cols in rows:
+        print(f"  pair {k}: " + "  ".join(f"{a:+.7f}/{b:+.7f}" for a, b in cols))
+    return worst
+
+
+@pytest.mark.parametrize("objective, trl_type", [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_dpo_and_ipo_equal_trl_dpo_trainer(setup, ours, objective, trl_type, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM
+    beta = 0.1
+    d = setup["dir"]
+    policy = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": "w1 w2", "chosen": " w3", "rejected": " w9"}] * 2)
+    cfg = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, loss_type=[trl_type],
+                    beta=beta, per_device_train_batch_size=1, bf16=False, fp16=False,
+                    max_length=None)
+    trl = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=ds,
+                     processing_class=setup["tok"])
+    trl.model.eval()
+    rows = []
+    for per_sample in (1, 3):
+        mine = _our_losses(ours[per_sample], ObjectiveSettings(objective, beta=beta))
+        for k, (chosen, rejected, p) in enumerate(setup["pairs"]):
+            ex = {"prompt_ids": chosen[:p].tolist(), "chosen_ids": chosen[p:].tolist(),
+                  "rejected_ids": rejected[p:].tolist()}
+            with torch.no_grad():
+                loss = float(trl._compute_loss(trl.model, trl.data_collator([ex]), False))
+            m = {key: v[-1] for key, v in trl._metrics["eval"].items()}
+            rows.append((k, (float(mine["loss"][k]), loss),
+                         (float(mine["chosen_rewards"][k]), m["rewards/chosen"]),
+                         (float(mine["rejected_rewards"][k]), m["rewards/rejected"]),
+                         (float(mine["chosen_logps"][k]), m["logps/chosen"]),
+                         (float(mine["rejected_logps"][k]), m["logps/rejected"])))
+    assert _report(f"{objective} (loss, rewards c/r, logps c/r; unpacked then packed)", rows) <= TOL
+
+
+def _trl_avg_logps(setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average log-probs of every chosen and rejected response by TRL's get_batch_logps on a
+    right-padded batch (prompt labels -100), policy forward with plain sdpa + attention mask."""
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.cpo import CPOTrainer
+    model = AutoModelForCausalLM.from_pretrained(setup["dir"] / "policy", dtype=torch.float32).eval()
+    out = []
+    for side in (0, 1):
+        seqs = [(pair[side], pair[2]) for pair in setup["pairs"]]
+        width = max(len(s) for s, _ in seqs)
+        ids = torch.full((len(seqs), width), 3)
+        labels = torch.full((len(seqs), width), -100)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (s, p) in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+            labels[b, p:len(s)] = torch.tensor(s[p:])
+            attn[b, :len(s)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        out.append(CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True))
+    return out[0], out[1]
+
+
+def test_simpo_equals_trl_cpo_simpo(setup, ours):
+    from trl.experimental.cpo import CPOTrainer
+    beta, gamma = 2.0, 0.5
+    avg_c, avg_r = _trl_avg_logps(setup)
+    ns = types.SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=gamma, beta=beta,
+                               label_smoothing=0.0,
+                               accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, rc, rr = CPOTrainer.cpo_loss(ns, avg_c, avg_r)
+    rows = []
+    for per_sample in (1, 3):
+        mine = _our_losses(ours[per_sample],
+                           ObjectiveSettings("simpo", beta=beta, simpo_gamma=gamma))
+        for k in range(NUM_PAIRS):
+            rows.append((k, (float(mine["loss"][k]), float(losses[k])),
+                         (float(mine["chosen_rewards"][k]), float(rc[k])),
+                         (float(mine["rejected_rewards"][k]), float(rr[k]))))
+    assert _report("simpo (loss, rewards c/r)", rows) <= TOL
+
+
+def test_orpo_equals_trl_odds_ratio_loss(setup, ours):
+    from trl.experimental.orpo import ORPOTrainer
+    alpha = 0.1
+    avg_c, avg_r = _trl_avg_logps(setup)
+    ns = types.SimpleNamespace(beta=alpha,
+                               accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    or_losses, rc, rr, _, _ = ORPOTrainer.odds_ratio_loss(ns, avg_c, avg_r)
+    rows = []
+    for per_sample in (1, 3):
+        mine = _our_losses(ours[per_sample], ObjectiveSettings("orpo", orpo_alpha=alpha))
+        nll = -mine["chosen_logps"]   # our NLL term: the chosen response, per token
+        for k in range(NUM_PAIRS):
+            # TRL: loss = nll - mean(or_losses); ours per pair: nll_k - or_losses_k
+            rows.append((k, (float(mine["loss"][k] - nll[k]), -float(or_losses[k])),
+                         (float(nll[k]), -float(avg_c[k])),
+                         (float(mine["chosen_rewards"][k]), float(rc[k])),
+                         (float(mine["rejected_rewards"][k]), float(rr[k]))))
+    assert _report("orpo (odds-ratio term, response NLL, rewards c/r)", rows) <= TOL
+
+
+def test_sft_weight_and_label_smoothing(setup, ours):
+    """cDPO: eps-weighted mix of both label directions; --sft_weight adds the chosen NLL/token."""
+    import torch.nn.functional as F
+    logps = ours[1]
+    base = _our_losses(logps, ObjectiveSettings("dpo", beta=0.1))
+    smooth = _our_losses(logps, ObjectiveSettings("dpo", beta=0.1, label_smoothing=0.2,
+                                                  sft_weight=0.5))
+    pol, ref, n = logps["pol"], logps["ref"], logps["counts"]
+    z = 0.1 * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
+    want = -0.8 * F.logsigmoid(z) - 0.2 * F.logsigmoid(-z) + 0.5 * (-pol[0::2] / n[0::2])
+    assert torch.allclose(smooth["loss"], want, atol=1e-6)
+    assert torch.allclose(base["loss"], -F.logsigmoid(z), atol=1e-6)
