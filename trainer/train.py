@@ -147,6 +147,15 @@ class Trainer:
         self.attn = mdl.resolve_attn_implementation(args.attn_implementation, model_cfg)
         from trainer.data import FLATTENED_ATTENTION
         self.flatten = self.attn in FLATTENED_ATTENTION
+        self.pref = None  # --objective dpo|ipo|orpo|simpo: trainer/preference.py (before the model
+        if args.objective != "sft":  # loads, so a stale precomputed reference file fails fast)
+            from trainer.preference import ObjectiveSettings, PreferenceRun
+            self.pref = PreferenceRun(
+                ObjectiveSettings(args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
+                                  simpo_gamma=args.simpo_gamma, orpo_alpha=args.orpo_alpha,
+                                  sft_weight=args.sft_weight),
+                train_ds=self.train_ds, eval_ds=self.eval_ds, args=args, info=info, dtype=self.dtype,
+                attn=self.attn, flatten=self.flatten, pad_id=self.pad_id)
         raw, cfg_path = dsc.read_config(args)
         values = dsc.auto_values(args, world_size=info.world_size,
                                  precision=_precision_name(self.dtype),
@@ -209,15 +218,6 @@ class Trainer:
             if info.is_main:
                 model.print_trainable_parameters()
 
-        self.pref = None  # --objective dpo|ipo|orpo|simpo: trainer/preference.py
-        if args.objective != "sft":
-            from trainer.preference import ObjectiveSettings, PreferenceRun
-            self.pref = PreferenceRun(
-                ObjectiveSettings(args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
-                                  simpo_gamma=args.simpo_gamma, orpo_alpha=args.orpo_alpha,
-                                  sft_weight=args.sft_weight),
-                train_ds=self.train_ds, eval_ds=self.eval_ds, args=args, info=info, dtype=self.dtype,
-                attn=self.attn, flatten=self.flatten, pad_id=self.pad_id)
         # preference objectives need per-sequence log-probs: full logits
         self.fused_loss = self._choose_fused_loss(model) and self.pref is None
         self.source_window: dict[str, list[float]] = {}  # per-source [loss sum, loss tokens]
