@@ -99,12 +99,14 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "dpo_out"), help="where every artifact goes")
     ap.add_argument("--quick", action="store_true", help="a few steps each (CI smoke variant)")
-    ap.add_argument("--sft_steps", type=int, default=None, help="default 300 (quick: 4)")
-    ap.add_argument("--dpo_steps", type=int, default=None, help="default 120 (quick: 4)")
+    ap.add_argument("--sft_steps", type=int, default=None, help="default 600 (quick: 4)")
+    ap.add_argument("--dpo_steps", type=int, default=None, help="default 150 (quick: 4)")
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--dpo_lr", type=float, default=5e-4)
+    ap.add_argument("--sft_weight", type=float, default=0.2, help="chosen NLL added to DPO")
     args = ap.parse_args()
-    sft_steps = args.sft_steps or (4 if args.quick else 300)
-    dpo_steps = args.dpo_steps or (4 if args.quick else 120)
+    sft_steps = args.sft_steps or (4 if args.quick else 600)
+    dpo_steps = args.dpo_steps or (4 if args.quick else 150)
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -139,7 +141,8 @@ def main() -> None:
     train(["--model_path", sft, "--data_path", pairs, "--eval_data_path", heldout_pairs,
            "--output_path", out / "runs", "--save_name", "dpo", "--objective", "dpo",
            "--beta", args.beta, "--max_steps", dpo_steps, "--micro_batch_size", 4,
-           "--learning_rate", 1e-3, "--lr_scheduler", "linear", "--logging_steps", 10,
+           "--sft_weight", args.sft_weight, "--learning_rate", args.dpo_lr,
+           "--lr_scheduler", "linear", "--logging_steps", 10,
            "--eval_steps", max(dpo_steps // 2, 1)], env=env)
     dpo = out / "dpo_model"
     run([PY, "-m", "trainer.export", "--checkpoint",
@@ -156,6 +159,7 @@ def main() -> None:
               "exact_match": {"sft": em_before[0] / em_before[1], "dpo": em_after[0] / em_after[1],
                               "of": em_before[1]},
               "sft_steps": sft_steps, "dpo_steps": dpo_steps, "beta": args.beta,
+              "dpo_lr": args.dpo_lr, "sft_weight": args.sft_weight,
               "wall_seconds": round(time.time() - started, 1)}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nheld-out pairs: {after['pairs']}")

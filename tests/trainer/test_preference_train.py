@@ -1,6 +1,6 @@
 """`--objective dpo` end to end on CPU (fp32): the step losses of one run are reproduced by
 gradient accumulation (4x1 == micro 4), packing (2 pairs a sample), precomputed reference
-log-probs, ZeRO-3, 2 data-parallel ranks and a resume; LoRA uses the adapter-disabled policy as
+log-probs, ZeRO-3 (reference model partitioned too), 2 data-parallel ranks and a resume; LoRA uses the adapter-disabled policy as
 reference; bad combinations are refused up front. Every run starts at loss ln 2 exactly (policy ==
 reference). Step losses are means over the global batch's pairs."""
 
@@ -56,7 +56,7 @@ def baseline(pref_assets, tmp_path_factory) -> dict:
     side by side."""
     out = tmp_path_factory.mktemp("pref_runs")
     a = pref_assets
-    procs = run_trains([
+    procs = run_trains(timeout=900, arg_lists=[
         _args(a, out, "micro4", "--micro_batch_size", "4", "--eval_data_path", str(a["eval"]),
               "--save_steps", "2", "--save_optimizer", "--report_to", "tensorboard"),
         _args(a, out, "accum4", "--micro_batch_size", "1", "--gradient_accumulation_steps", "4"),
@@ -88,26 +88,30 @@ def test_accumulation_equals_micro_batch(baseline):
     assert max(abs(x - y) for x, y in zip(a, b)) <= TOL, (a, b)
 
 
-def test_packed_precomputed_zero3_equal_the_baseline(baseline, pref_assets, tmp_path):
+def test_packed_precomputed_and_zero3_equal_the_baseline(baseline, pref_assets, tmp_path):
     a = pref_assets
     # precompute the reference log-probs beside both datasets (one process, one model)
     cmd = [sys.executable, "-m", "trainer.reference_logps", "--model_path", str(a["model"]),
            "--data_path", str(a["pairs"]), str(a["packed"]), "--precision", "fp32", "--overwrite"]
-    check_ok(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True))
-    procs = run_trains([
+    check_ok(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True,
+                            timeout=900))
+    procs = run_trains(timeout=900, arg_lists=[
         _args(a, tmp_path, "packed", "--micro_batch_size", "2", data="packed"),
-        _args(a, tmp_path, "pre", "--micro_batch_size", "4", "--precomputed_ref_logps",
-              "--zero_stage", "3"),
+        _args(a, tmp_path, "pre", "--micro_batch_size", "4", "--precomputed_ref_logps"),
+        _args(a, tmp_path, "z3", "--micro_batch_size", "4", "--zero_stage", "3"),
     ])
     for p in procs:
         check_ok(p)
     base = _train_losses(baseline["micro4"])
-    for name in ("packed", "pre"):
+    for name in ("packed", "pre", "z3"):
         got = _train_losses(tmp_path / name)
         assert max(abs(x - y) for x, y in zip(base, got)) <= TOL, (name, base, got)
     resolved = json.loads((tmp_path / "pre" / "checkpoints" / f"step_{STEPS}" /
                            "resolved_config.json").read_text())
-    assert resolved["reference"].startswith("precomputed") and resolved["zero_stage"] == 3
+    assert resolved["reference"].startswith("precomputed")
+    resolved = json.loads((tmp_path / "z3" / "checkpoints" / f"step_{STEPS}" /
+                           "resolved_config.json").read_text())
+    assert resolved["reference"].startswith("model ") and resolved["zero_stage"] == 3
 
 
 def test_precomputed_file_refused_for_other_model_or_data(pref_assets, tmp_path):
@@ -124,7 +128,7 @@ def test_precomputed_file_refused_for_other_model_or_data(pref_assets, tmp_path)
     build_model(other, vocab_size=len(tok), seed=3)
     proc = run_train(["--model_path", str(other), "--data_path", str(a["pairs"]), "--output_path",
                       str(tmp_path), "--save_name", "bad", *COMMON, "--precomputed_ref_logps"],
-                     check=False)
+                     check=False, timeout=900)
     assert proc.returncode == 2 and "another reference model" in proc.stderr, proc.stderr[-2000:]
     assert "python -m trainer.reference_logps" in proc.stderr
     data = write_pairs(tmp_path, "copy", tok, make_pairs(64, seed=11)[:32])
@@ -138,7 +142,7 @@ def test_precomputed_file_refused_for_other_model_or_data(pref_assets, tmp_path)
 
 def test_lora_reference_is_the_adapter_free_policy(pref_assets, tmp_path):
     proc = run_train(_args(pref_assets, tmp_path, "lora", "--micro_batch_size", "4", "--use_lora",
-                           "--learning_rate", "1e-2"))
+                           "--learning_rate", "1e-2"), timeout=900)
     losses = _train_losses(tmp_path / "lora")
     assert abs(losses[0] - math.log(2)) < 1e-6 and losses[-1] < losses[0]
     resolved = json.loads((tmp_path / "lora" / "checkpoints" / f"step_{STEPS}" /
@@ -149,7 +153,7 @@ def test_lora_reference_is_the_adapter_free_policy(pref_assets, tmp_path):
 
 def test_bad_combinations_refused(pref_assets, tmp_path):
     a = pref_assets
-    procs = run_trains([
+    procs = run_trains(timeout=900, arg_lists=[
         ["--model_path", str(a["model"]), "--data_path", str(a["pairs"]), "--output_path",
          str(tmp_path), "--max_steps", "1"],                                 # sft on pairs
         _args(a, tmp_path, "x", "--label_smoothing", "0.7", "--objective", "orpo",
@@ -165,9 +169,9 @@ def test_bad_combinations_refused(pref_assets, tmp_path):
 def test_two_ranks_and_resume_equal_one_process(baseline, pref_assets, tmp_path):
     a = pref_assets
     run_train(_args(a, tmp_path, "ranks2", "--micro_batch_size", "2", "--zero_stage", "2"),
-              launcher="torchrun", nproc=2)
+              launcher="torchrun", nproc=2, timeout=900)
     run_train(_args(a, tmp_path, "resumed", "--micro_batch_size", "4", "--load_ckpt_path",
-                    str(baseline["micro4"] / "checkpoints" / "step_2")))
+                    str(baseline["micro4"] / "checkpoints" / "step_2")), timeout=900)
     base = _train_losses(baseline["micro4"])
     got = _train_losses(tmp_path / "ranks2")
     assert max(abs(x - y) for x, y in zip(base, got)) <= TOL, (base, got)
