@@ -51,5 +51,7 @@ def merge_datasets(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     manifest = {**first, "corpus_name": out.name, "shards": shards, "totals": totals,
                 "metadata": {"merged_from": [str(p) for p in parts],
                              "parts": [m.get("metadata", {}) for m in ds.manifests]}}
+    if "preference" in first:  # pair datasets: the pair count covers every part
+        manifest["preference"] = {**first["preference"], "pairs": totals["docs"] // 2}
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return out

@@ -179,3 +179,17 @@ def test_llama_factory_demo_files(tmp_path, name):
         resp = tok.decode(p.chosen.input_ids[p.chosen.loss_mask]).replace("<|im_end|>", "")
         # Qwen3's template puts "\n</think>\n\n" after the generation prompt: trained, as in chat
         assert resp.split("</think>")[-1].strip() in chosen_texts
+
+
+def test_parts_merge_into_one_pair_dataset(tmp_path, hermetic_tokenizer_dir):
+    """--part 0/2 and 1/2 merged (python -m shardfmt merge) read like one encode."""
+    from shardfmt.merge import merge_datasets
+    rows = [dict(ROWS[0], prompt=f"Question {k}?") for k in range(6)]
+    whole = open_dataset(_encode(tmp_path, hermetic_tokenizer_dir, rows, name="whole"))
+    for i in range(2):
+        (tmp_path / f"p{i}").mkdir()
+    parts = [_encode(tmp_path / f"p{i}", hermetic_tokenizer_dir, rows, "--part", f"{i}/2",
+                     name="c") for i in range(2)]
+    merged = open_dataset(merge_datasets(parts, tmp_path / "merged" / "c"))
+    assert merged.manifest["preference"]["pairs"] == 6 == int(pair_counts(merged).sum())
+    assert [s.input_ids.tolist() for s in merged] == [s.input_ids.tolist() for s in whole]
