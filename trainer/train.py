@@ -535,49 +535,51 @@ class Trainer:
         rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
                        initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
                        config=self.resolved_config())
-        batches = iter(loader)
-        window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
-        saved_at = -1
-        while st.step < self.total_steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(a.gradient_accumulation_steps)]
-            local_tokens = sum(b["num_tokens"] for b in micro)
-            loss, count = self.train_step(micro)
-            dt = time.perf_counter() - t0
-            consumed_before = st.consumed_samples
-            st.step += 1
-            st.consumed_samples += self.global_batch
-            lr = float(self.engine.get_lr()[0])
-            st.loss_history.append({"step": st.step, "loss": loss, "lr": lr,
-                                    **(self.pref.last if self.pref else {})})
-            window["loss_sum"] += loss * count
-            window["count"] += count
-            window["tokens"] += local_tokens
-            window["loss_tokens"] += count / info.world_size
-            window["time"] += dt
-            window["steps"] += 1
-            rep.step(loss, lr, local_tokens / max(dt, 1e-9))
-            if st.step % a.logging_steps == 0 or st.step == self.total_steps:
-                grad_norm = self.engine.get_global_grad_norm()
-                rep.log({"step": st.step, "epoch": st.consumed_samples / len(self.train_ds),
-                         "loss": window["loss_sum"] / max(window["count"], 1), "lr": lr,
-                         "grad_norm": None if grad_norm is None else float(grad_norm),
-                         "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
-                         "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
-                         "samples_seen": st.consumed_samples,
-                         **(self.source_metrics() if several else {}),
-                         **(self.pref.window_metrics() if self.pref else {})})
-                window = dict.fromkeys(window, 0)
-            if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
+        try:  # the bar and the log file are closed on an error too, so the error line stands alone
+            batches = iter(loader)
+            window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
+            saved_at = -1
+            while st.step < self.total_steps:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(a.gradient_accumulation_steps)]
+                local_tokens = sum(b["num_tokens"] for b in micro)
+                loss, count = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                consumed_before = st.consumed_samples
+                st.step += 1
+                st.consumed_samples += self.global_batch
+                lr = float(self.engine.get_lr()[0])
+                st.loss_history.append({"step": st.step, "loss": loss, "lr": lr,
+                                        **(self.pref.last if self.pref else {})})
+                window["loss_sum"] += loss * count
+                window["count"] += count
+                window["tokens"] += local_tokens
+                window["loss_tokens"] += count / info.world_size
+                window["time"] += dt
+                window["steps"] += 1
+                rep.step(loss, lr, local_tokens / max(dt, 1e-9))
+                if st.step % a.logging_steps == 0 or st.step == self.total_steps:
+                    grad_norm = self.engine.get_global_grad_norm()
+                    rep.log({"step": st.step, "epoch": st.consumed_samples / len(self.train_ds),
+                             "loss": window["loss_sum"] / max(window["count"], 1), "lr": lr,
+                             "grad_norm": None if grad_norm is None else float(grad_norm),
+                             "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
+                             "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
+                             "samples_seen": st.consumed_samples,
+                             **(self.source_metrics() if several else {}),
+                             **(self.pref.window_metrics() if self.pref else {})})
+                    window = dict.fromkeys(window, 0)
+                if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
+                    self._eval_and_log(rep)
+                if self._should_save(consumed_before):
+                    self.save()
+                    saved_at = st.step
+            if self.eval_ds is not None and not (a.eval_steps and st.step % a.eval_steps == 0):
                 self._eval_and_log(rep)
-            if self._should_save(consumed_before):
+            if saved_at != st.step:
                 self.save()
-                saved_at = st.step
-        if self.eval_ds is not None and not (a.eval_steps and st.step % a.eval_steps == 0):
-            self._eval_and_log(rep)
-        if saved_at != st.step:
-            self.save()
-        rep.close()
+        finally:
+            rep.close()
         return st
 
     def _eval_and_log(self, rep) -> None:
