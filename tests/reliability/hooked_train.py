@@ -45,19 +45,16 @@ def _write_json(path, obj):
         _block(POINT)
 
 
-class _OsProxy:  # checkpoint.py's `os`, with a replace() that blocks once `latest` names step N
-    def __getattr__(self, name):
-        return getattr(os, name)
-
-    @staticmethod
-    def replace(src, dst):
-        os.replace(src, dst)
-        if POINT == "after_latest" and Path(dst).name == "latest" and \
-                Path(dst).read_text().strip() == f"step_{STEP}":
-            _block(POINT)
+_real_text = ck.write_text_atomic
 
 
-ck.save_hf_weights, ck._write_json, ck.os = save_hf_weights, _write_json, _OsProxy()
+def write_text_atomic(path, text, *args, **kwargs):  # blocks once `latest` names step N
+    _real_text(path, text, *args, **kwargs)
+    if POINT == "after_latest" and Path(path).name == "latest" and text.strip() == f"step_{STEP}":
+        _block(POINT)
+
+
+ck.save_hf_weights, ck._write_json, ck.write_text_atomic = save_hf_weights, _write_json, write_text_atomic
 
 from trainer.train import main  # noqa: E402
 
