@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/packing_fill.py
 
-Lengths are computed by the encoder itself (`SampleEncoder.encode_rows`, llama2, no truncation):
+Lengths are computed by the encoder itself (`DocumentEncoder.encode_rows`, llama2, no truncation):
   * alpaca: alpaca_en_demo + alpaca_zh_demo through encoder/user_data_loader/alpaca.py,
     --encode_type qa, --template none: BOS + prompt + answer + EOS.
   * sharegpt: fastchat_dummy_conversation.json through sharegpt.py, --encode_type chat,
@@ -42,12 +42,12 @@ DATASETS = {
 def encoder_lengths(name: str, shared: Path, tokenizer: str) -> list[int]:
     """Document lengths exactly as the encoder computes them (pre-truncation raw_len)."""
     from encoder.plugins import check_row, load_plugin
-    from encoder.sample_encoder import EncoderSpec, SampleEncoder
+    from encoder.document_encoder import DocumentEncoder, EncoderSpec
     plugin, encode_type, template, files = DATASETS[name]
     rows = load_plugin(str(ROOT / "encoder" / "user_data_loader" / plugin)).fn(
         path=",".join(str(shared / "data" / f) for f in files))
     norm = [check_row(r, encode_type=encode_type) for r in rows]
-    enc = SampleEncoder(EncoderSpec(str(shared / "tokenizers" / tokenizer), encode_type,
+    enc = DocumentEncoder(EncoderSpec(str(shared / "tokenizers" / tokenizer), encode_type,
                                     max_length=10**9, template=template))
     out = enc.encode_rows(norm)
     bad = [e.reason for e in out if e.status != "ok"]

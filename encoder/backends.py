@@ -14,7 +14,7 @@ caller's tokenizer).
 `choose_backend("auto", ...)` takes gigatoken only if it loads the tokenizer AND its ids equal the
 reference on `CALIBRATION_TEXTS` plus the run's first batch of texts; otherwise `tokenizers`, then
 `transformers`, with the reason recorded. `cross_check_rows` re-encodes a deterministic sample of
-rows with the reference while encoding (see sample_encoder.py).
+rows with the reference while encoding (see document_encoder.py).
 
 >>> enc, why = choose_backend("auto", tok, texts=["Hi there"])          # doctest: +SKIP
 >>> enc.name, why

@@ -9,7 +9,7 @@ from encoder.packing import DEFAULT_PACK_WINDOW
 from shardfmt.run_config import add_config_flag
 from encoder.templates import TEMPLATE_NAMES
 from encoder.backends import TOKENIZER_BACKENDS
-from encoder.sample_encoder import CROSS_CHECK_EVERY
+from encoder.document_encoder import CROSS_CHECK_EVERY
 from encoder.tokenizer_policy import SAVE_DTYPES
 from encoder.truncation import DEFAULT_TRUNCATION, TRUNCATION_MODES
 

@@ -32,14 +32,16 @@ from encoder.pipeline import (encode_batches, read_ahead, reject,  # noqa: E402
 from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # noqa: E402
                              parse_kv_args)
 from encoder.json_tokenizer import JsonTokenizer  # noqa: E402
-from encoder.sample_encoder import (CrossCheckError, Encoded, EncodedBatch,  # noqa: E402
-                                    EncoderSpec, SampleEncoder, load_spec_tokenizer)
+from encoder.document_encoder import (CrossCheckError, DocumentEncoder, Encoded,  # noqa: E402
+                                      EncodedBatch, EncoderSpec, load_spec_tokenizer)
 from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
 from encoder.templates import TemplateError  # noqa: E402
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 
-Sample = tuple[list[tuple[np.ndarray, np.ndarray]], bool]  # (docs, continues_previous)
+# One packed training window before it is written: its documents as (ids, loss mask) pairs, and
+# whether it continues the previous window's last document (a split pretrain chunk).
+PackedWindow = tuple[list[tuple[np.ndarray, np.ndarray]], bool]
 USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError,
                FileNotFoundError)
 
@@ -120,7 +122,7 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
                 progress: Callable[[int, int], None] | None) -> dict:
     added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
-    encoder = SampleEncoder(spec, tokenizer=tok)
+    encoder = DocumentEncoder(spec, tokenizer=tok)
     stats = RunStats(max_length=args.max_length)
     if args.encode_type == "preference":  # a pair sample holds two sequences
         stats.sample_capacity = 2 * args.max_length
@@ -167,9 +169,9 @@ def tokenizer_loader_name(tok: Any) -> str:
 
 
 def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
-                  encoder: SampleEncoder, stats: RunStats,
+                  encoder: DocumentEncoder, stats: RunStats,
                   on_ready: Any = None,
-                  progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[PackedWindow]:
     """plugin rows -> validated batches (reader thread) -> encoded batches (tokenizer thread/pool,
     in order) -> training samples. The engine is chosen on the first batch (`select_backend`),
     then `on_ready()` is called; `progress(rows, tokens)` after every batch."""
@@ -239,7 +241,7 @@ def accepted_docs(encoded: Iterable[Encoded_], *, stats: RunStats, plugin_path: 
             yield enc
 
 
-def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterator[Sample]:
+def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterator[PackedWindow]:
     """qa/chat documents (or preference pairs) -> training samples: packed bins, or one each."""
     if args.encode_type == "preference":  # whole pairs only (encoder/preference.py)
         from encoder.preference import pair_samples
@@ -255,12 +257,12 @@ def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterat
 
 
 def pretrain_samples(encoded: Iterable[Encoded_], *, max_length: int, stats: RunStats,
-                     drop_remainder: bool) -> Iterator[Sample]:
+                     drop_remainder: bool) -> Iterator[PackedWindow]:
     """Concatenate documents and cut into max_length samples; every token is trained. Works a
     batch at a time on flat arrays (`PretrainChunker.push_batch`): no Python per document."""
     chunker = PretrainChunker(max_length=max_length)
 
-    def with_masks(sample: tuple[list[np.ndarray], bool]) -> Sample:
+    def with_masks(sample: tuple[list[np.ndarray], bool]) -> PackedWindow:
         segs, cont = sample
         return [(s, None) for s in segs], cont  # None = every token trained (writer fast path)
 
@@ -277,8 +279,8 @@ def pretrain_samples(encoded: Iterable[Encoded_], *, max_length: int, stats: Run
 
 
 # -- writing --------------------------------------------------------------------------------------
-def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtype: str,
-                  encoder: SampleEncoder, added: dict, part: tuple[int, int] | None,
+def write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats, dtype: str,
+                  encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
                   tokenizer_info: Any = None) -> dict:
     """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it.
     `tokenizer_info`: the manifest's tokenizer identity, or a future of it (computed while the
@@ -332,7 +334,7 @@ def write_dataset(samples: Iterable[Sample], *, args: Any, stats: RunStats, dtyp
     return result
 
 
-def run_metadata(args: Any, *, encoder: SampleEncoder, added: dict,
+def run_metadata(args: Any, *, encoder: DocumentEncoder, added: dict,
                  part: tuple[int, int] | None) -> dict:
     """Everything needed to reproduce the prompt and the encoding (no worker count, no times)."""
     return {

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 from encoder.plugins import RowError, check_row
-from encoder.sample_encoder import EncodedBatch, EncoderSpec, SampleEncoder
+from encoder.document_encoder import DocumentEncoder, EncodedBatch, EncoderSpec
 from encoder.stats import RunStats
 
 BATCH_ROWS = 512
@@ -108,7 +108,7 @@ def read_ahead(items: Iterable[Any], *, depth: int = 4) -> Iterator[Any]:
 
 
 def encode_batches(batches: Iterable[Batch], *, spec: EncoderSpec, num_workers: int,
-                   encoder: SampleEncoder) -> Iterator[tuple[list[int], EncodedBatch]]:
+                   encoder: DocumentEncoder) -> Iterator[tuple[list[int], EncodedBatch]]:
     """`(row_indices, EncodedBatch)` per batch, in input order. `encoder` has its engine chosen
     (`select_backend`); worker processes reuse that choice. gigatoken parallelizes inside one
     call on its own thread pool, so it always runs in-process (no pickling of results)."""
@@ -119,7 +119,7 @@ def encode_batches(batches: Iterable[Batch], *, spec: EncoderSpec, num_workers: 
     yield from _encode_in_pool(batches, spec=worker_spec, num_workers=num_workers)
 
 
-def _encode_in_thread(batches: Iterable[Batch], enc: SampleEncoder
+def _encode_in_thread(batches: Iterable[Batch], enc: DocumentEncoder
                       ) -> Iterator[tuple[list[int], EncodedBatch]]:
     """One background thread tokenizes the next batch (the Rust tokenizers release the GIL) while
     the caller chunks/packs/writes the previous one. Batches are encoded one at a time, in order."""
@@ -155,12 +155,12 @@ def _encode_in_pool(batches: Iterable[Batch], *, spec: EncoderSpec,
             yield idx0, res.get()
 
 
-_WORKER_ENCODER: SampleEncoder | None = None
+_WORKER_ENCODER: DocumentEncoder | None = None
 
 
 def _init_worker(spec: EncoderSpec) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = SampleEncoder(spec)
+    _WORKER_ENCODER = DocumentEncoder(spec)
     _WORKER_ENCODER.use_backend(spec.tokenizer_backend)
 
 

@@ -6,7 +6,7 @@ Row shapes a plugin may yield:
      "rejected": <same>}                      (the chat form; a "system" key is also accepted)
 
 Each side is the whole conversation prompt + response, rendered by the same template and encoded by
-the same code as a qa/chat row (encoder/sample_encoder.py), so a chosen sequence has exactly the
+the same code as a qa/chat row (encoder/document_encoder.py), so a chosen sequence has exactly the
 tokens and loss mask the qa/chat encoder gives that conversation. Both sides share the prompt.
 
 Truncation treats a pair as a unit (--max_length bounds each sequence, as for qa/chat):
@@ -130,16 +130,16 @@ def _response_messages(value: Any, key: str) -> list[dict]:
 
 # -- encoding ------------------------------------------------------------------------------------
 class PairEncoder:
-    """Encodes `PairRow`s with an inner qa/chat `SampleEncoder` (same tokenizer, same template,
+    """Encodes `PairRow`s with an inner qa/chat `DocumentEncoder` (same tokenizer, same template,
     no truncation), then truncates each pair as a unit."""
 
     def __init__(self, outer: Any):
-        from encoder.sample_encoder import SampleEncoder
+        from encoder.document_encoder import DocumentEncoder
         self.max_length = outer.spec.max_length
         self.mode = outer.spec.truncation
         self.keep_prefix = len(outer.prefix)
         inner_spec = replace(outer.spec, encode_type="chat", max_length=1 << 62)
-        self.inner = SampleEncoder(inner_spec, tokenizer=outer.tok)
+        self.inner = DocumentEncoder(inner_spec, tokenizer=outer.tok)
         self.outer = outer
 
     def encode_batch(self, rows: list[PairRow]) -> "PairBatch":

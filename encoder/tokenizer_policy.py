@@ -40,7 +40,7 @@ class TokenPolicy:
         return asdict(self)
 
 
-def load_tokenizer(path: str, *, add_tokens: list[str] | None = None, backend: str = "auto",
+def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None, backend: str = "auto",
                    chat_template: bool = False) -> Any:
     """The tokenizer at `path`, then `add_tokens` added as special tokens.
 

@@ -7,7 +7,7 @@
 The prompt format comes from `prompt_format.json` (the dataset manifest's template and
 special-token policy, saved by the trainer in every checkpoint and copied by `trainer.export`):
 the same template, the same BOS rule and the same per-piece tokenization as the training samples
-(`encoder.SampleEncoder.encode_prompt`; the reuse is deliberate, so the two can never drift).
+(`encoder.document_encoder.DocumentEncoder.encode_prompt`; the reuse is deliberate, so the two can never drift).
 Generation stops at EOS / the template's end-of-turn token. `--prompt` and `--interactive`
 stream tokens as they come; `--prompts_file` (JSONL rows {"q", "a"?, "system"?} or
 {"messages": [...], "tools": [...]?}) writes {"prompt", "expected", "generated"} rows. Tool
@@ -59,13 +59,13 @@ def load_model(model_dir: Path, adapter_dir: Path | None):
 
 
 def make_prompt_encoder(tokenizer, tok_dir: Path, fmt: dict):
-    from encoder.sample_encoder import EncoderSpec, SampleEncoder
+    from encoder.document_encoder import DocumentEncoder, EncoderSpec
     recorded = ((fmt.get("special_tokens") or {}).get("template") or {})
     chat_template = recorded.get("chat_template") if fmt["template"] == "chat" else None
     spec = EncoderSpec(str(tok_dir), fmt.get("encode_type", "qa"), int(fmt.get("max_length", 1 << 20)),
                        template=fmt["template"], chat_template=chat_template,
                        chat_template_source=recorded.get("source"))
-    return SampleEncoder(spec, tokenizer=tokenizer)
+    return DocumentEncoder(spec, tokenizer=tokenizer)
 
 
 def row_messages(row: dict | str, system: str | None = None) -> tuple[list[dict], str | None]:

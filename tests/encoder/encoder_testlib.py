@@ -43,8 +43,8 @@ def real_tokenizer(name: str):
     with; the encoder under test may load it with the light loader), once per session."""
     path = shared_tokenizer_path(name)
     if name not in _CACHE:
-        from encoder.tokenizer_policy import load_tokenizer
-        _CACHE[name] = load_tokenizer(path, backend="transformers")
+        from encoder.tokenizer_policy import load_encoding_tokenizer
+        _CACHE[name] = load_encoding_tokenizer(path, backend="transformers")
     return _CACHE[name]
 
 

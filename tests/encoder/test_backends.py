@@ -12,7 +12,7 @@ import pytest
 import encoder.backends as backends
 import encoder.main as encoder_main
 from encoder.backends import CALIBRATION_TEXTS, Ragged
-from encoder.sample_encoder import EncoderSpec, SampleEncoder, cross_check_sampled
+from encoder.document_encoder import DocumentEncoder, EncoderSpec, cross_check_sampled
 from encoder_testlib import real_tokenizer, shared_data, shared_tokenizer_path
 
 ENGINES = ("gigatoken", "tokenizers", "transformers")
@@ -125,7 +125,7 @@ def test_special_token_text_stays_text_on_every_engine(name):
     for engine in ENGINES:
         spec = EncoderSpec(shared_tokenizer_path(name), "qa", 4096, template="none",
                            tokenizer_backend=engine, cross_check_every=1)
-        enc = SampleEncoder(spec, tokenizer=tok)
+        enc = DocumentEncoder(spec, tokenizer=tok)
         out = enc.encode_rows(rows)
         assert enc.engine.name == engine
         control = np.array(sorted(enc.control_ids))

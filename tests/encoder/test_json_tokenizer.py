@@ -12,7 +12,7 @@ import pytest
 
 from encoder_testlib import real_tokenizer, shared_data, shared_tokenizer_path
 from encoder.json_tokenizer import JsonTokenizer, light_load_problem
-from encoder.tokenizer_policy import load_tokenizer, measure_policy
+from encoder.tokenizer_policy import load_encoding_tokenizer, measure_policy
 from shardfmt import tokenizer_identity
 
 SHARED_NAMES = ["llama2", "gpt2", "qwen3", "internlm", "llama3", "chinese-llama2-alpaca2"]
@@ -44,7 +44,7 @@ def assert_same_tokenizer(light: JsonTokenizer, ref) -> None:
 def test_light_loader_equals_transformers_on_real_tokenizers(name):
     path = shared_tokenizer_path(name)
     assert light_load_problem(path) is None
-    light = load_tokenizer(path)
+    light = load_encoding_tokenizer(path)
     assert isinstance(light, JsonTokenizer)
     assert_same_tokenizer(light, real_tokenizer(name))
     assert light.class_name == type(real_tokenizer(name)).__name__
@@ -91,7 +91,7 @@ def test_light_loader_is_used_only_where_it_equals_transformers(tmp_path, name, 
     from transformers import AutoTokenizer
     path = variant_dir(tmp_path, name, update, extra_files=files)
     ref = AutoTokenizer.from_pretrained(path)
-    tok = load_tokenizer(path)
+    tok = load_encoding_tokenizer(path)
     if light_load_problem(path) is not None:
         assert not isinstance(tok, JsonTokenizer)
         return
@@ -109,9 +109,9 @@ def test_rules_that_force_transformers(tmp_path):
     qwen = shared_tokenizer_path("qwen3")
     assert "chat" in light_load_problem(qwen, needs_chat_template=True)
     assert "add_tokens" in light_load_problem(qwen, add_tokens=["<x>"])
-    assert not isinstance(load_tokenizer(qwen, backend="transformers"), JsonTokenizer)
+    assert not isinstance(load_encoding_tokenizer(qwen, backend="transformers"), JsonTokenizer)
     with pytest.raises(ValueError, match="--tokenizer_backend"):
-        load_tokenizer(qwen, backend="fast")
+        load_encoding_tokenizer(qwen, backend="fast")
 
 
 def test_hermetic_tokenizer_light_equals_transformers(hermetic_tokenizer_dir):

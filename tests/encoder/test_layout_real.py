@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from encoder.sample_encoder import EncoderSpec, SampleEncoder
+from encoder.document_encoder import DocumentEncoder, EncoderSpec
 from encoder_testlib import check_layout, real_tokenizer, shared_tokenizer_path
 
 # name -> (adds BOS by convention, template used for the 3-turn chat)
@@ -20,7 +20,7 @@ CHAT = [{"role": "system", "content": "You are terse."},
 
 def make_encoder(name: str, template: str, encode_type: str = "qa", max_length: int = 256):
     spec = EncoderSpec(shared_tokenizer_path(name), encode_type, max_length, template=template)
-    return SampleEncoder(spec, tokenizer=real_tokenizer(name))
+    return DocumentEncoder(spec, tokenizer=real_tokenizer(name))
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from encoder.main import main as encode_main
-from encoder.sample_encoder import EncoderSpec, SampleEncoder
+from encoder.document_encoder import DocumentEncoder, EncoderSpec
 from encoder_testlib import PLUGINS, shared_data, shared_tokenizer_path
 from shardfmt import open_dataset
 from shardfmt.preference import is_preference, pair_counts, read_pairs
@@ -47,7 +47,7 @@ def _encode(tmp_path, tok_dir, rows, *extra, name="pairs", max_length=256, templ
 
 
 def _sft_encoding(tok_dir: str, template: str, messages: list[dict], responses: int):
-    enc = SampleEncoder(EncoderSpec(tok_dir, "chat", 10_000, template=template))
+    enc = DocumentEncoder(EncoderSpec(tok_dir, "chat", 10_000, template=template))
     e = enc.encode_rows([messages])[0]
     mask = e.mask.copy()
     # only the last `responses` assistant turns: the earlier ones are prompt

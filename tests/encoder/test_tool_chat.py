@@ -18,7 +18,7 @@ import pytest
 from encoder.chat_render import resolve_chat_template
 from encoder.conversation import Conversation, check_conversation
 from encoder.plugins import check_row
-from encoder.sample_encoder import EncoderSpec, SampleEncoder
+from encoder.document_encoder import DocumentEncoder, EncoderSpec
 from encoder_testlib import PLUGINS, loss_spans, real_tokenizer, shared_data, shared_tokenizer_path
 
 LLAMA31 = Path(__file__).with_name("fixtures") / "llama31_tool_chat_template.jinja"
@@ -72,25 +72,25 @@ ORACLE = {"qwen3": re.compile(r"<\|im_start\|>assistant\n(?:<think>\n)?(.*?<\|im
 def encoders():
     cache = {}
 
-    def get(name: str, max_length: int = 4096) -> SampleEncoder:
+    def get(name: str, max_length: int = 4096) -> DocumentEncoder:
         if (name, max_length) not in cache:
             text = source = None
             if name == "llama3":
                 text, source = resolve_chat_template(str(LLAMA31))
             spec = EncoderSpec(shared_tokenizer_path(name), "chat", max_length, template="chat",
                                chat_template=text, chat_template_source=source)
-            cache[name, max_length] = SampleEncoder(spec, tokenizer=real_tokenizer(name))
+            cache[name, max_length] = DocumentEncoder(spec, tokenizer=real_tokenizer(name))
         return cache[name, max_length]
     return get
 
 
-def reference_text(enc: SampleEncoder, conv: Conversation) -> str:
+def reference_text(enc: DocumentEncoder, conv: Conversation) -> str:
     """What transformers renders, independently of the encoder (plain messages, plain tools)."""
     return enc.tok.apply_chat_template(copy.deepcopy(list(conv)), tools=getattr(conv, "tools", None),
                                        chat_template=enc.template.template, tokenize=False)
 
 
-def check_golden(name: str, enc: SampleEncoder, row: dict) -> tuple[str, list[str]]:
+def check_golden(name: str, enc: DocumentEncoder, row: dict) -> tuple[str, list[str]]:
     conv = check_row(row, encode_type="chat")
     out = enc.encode_rows([conv])[0]
     assert out.status == "ok", out.reason
@@ -188,11 +188,11 @@ def test_unsupported_parts_are_refused(encoders, hermetic_tokenizer_dir):
     enc = encoders("llama3")   # Llama-3.1 template: single tool call per message, no reasoning
     bad = enc.encode_rows([check_row(PARALLEL, encode_type="chat")])[0]
     assert bad.status == "invalid" and "reasoning_content" in bad.reason
-    alpaca = SampleEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="alpaca"))
+    alpaca = DocumentEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="alpaca"))
     out = alpaca.encode_rows([check_row(ECHO, encode_type="chat")])[0]
     assert out.status == "invalid" and "--template chat" in out.reason
     with pytest.raises(TemplateError, match="--chat_template"):
-        SampleEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="chat"))
+        DocumentEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="chat"))
 
 
 @pytest.mark.parametrize("bad, problem", [
@@ -210,11 +210,11 @@ def test_bad_tool_rows_name_the_message(bad, problem):
 
 def test_builtin_chatml_tools_template(hermetic_tokenizer_dir, tmp_path):
     """The built-in template (for tokenizers without one) renders tools the documented way."""
-    from encoder.tokenizer_policy import load_tokenizer
-    tok = load_tokenizer(hermetic_tokenizer_dir, add_tokens=["<|im_start|>", "<|im_end|>"],
+    from encoder.tokenizer_policy import load_encoding_tokenizer
+    tok = load_encoding_tokenizer(hermetic_tokenizer_dir, add_tokens=["<|im_start|>", "<|im_end|>"],
                          backend="transformers")
     text, source = resolve_chat_template("chatml_tools")
-    enc = SampleEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 4096, template="chat",
+    enc = DocumentEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 4096, template="chat",
                                     chat_template=text, chat_template_source=source), tokenizer=tok)
     conv = check_row(PARALLEL, encode_type="chat")
     out = enc.encode_rows([conv])[0]
@@ -230,7 +230,7 @@ def test_builtin_chatml_tools_template(hermetic_tokenizer_dir, tmp_path):
     assert "<|im_start|>user\n<tool_response>\ncloudy\n</tool_response>\n<tool_response>\n09:30\n" \
            "</tool_response><|im_end|>" in rendered
     with pytest.raises(Exception, match="--add_tokens"):   # without the ChatML tokens
-        SampleEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="chat",
+        DocumentEncoder(EncoderSpec(hermetic_tokenizer_dir, "chat", 256, template="chat",
                                   chat_template=text, chat_template_source=source))
 
 
@@ -298,7 +298,7 @@ def test_truncation_warning_and_analyze_suggestion(run_cli, write_plugin, hermet
     assert code == 0
     assert "warning: 10 of 100 documents (10.0%) are longer than --max_length 40 (10 dropped" in err
     keep = int(err.split("--max_length ")[2].split()[0])
-    from encoder.sample_encoder import EncoderSpec as Spec, SampleEncoder as Enc
+    from encoder.document_encoder import DocumentEncoder as Enc, EncoderSpec as Spec
     from encoder.plugins import check_row as check
     lengths = [e.raw_len for e in Enc(Spec(hermetic_tokenizer_dir, "qa", 10_000)).encode_rows(
         [check(r, encode_type="qa") for r in rows])]

@@ -1,6 +1,7 @@
-"""Rows -> token ids + loss masks, a batch at a time (one tokenizer call per batch and kind).
+"""Documents (one plugin row each) -> token ids + loss masks, a batch at a time (one tokenizer call
+per batch and kind). Packing documents into training samples happens later (packing.py).
 
-`SampleEncoder` is built from a small picklable `EncoderSpec`, so worker processes build their own
+`DocumentEncoder` is built from a small picklable `EncoderSpec`, so worker processes build their own
 copy (tokenizer loaded once per worker) and the output does not depend on the worker count.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from encoder.backends import Ragged, choose_backend, reference_encoder
 from encoder.templates import TemplateError, make_template, render
-from encoder.tokenizer_policy import load_tokenizer, measure_policy
+from encoder.tokenizer_policy import load_encoding_tokenizer, measure_policy
 from encoder.truncation import truncate
 
 CROSS_CHECK_EVERY = 1000   # ~0.1% of rows re-encoded with the reference (qwen3: ~+1% time)
@@ -40,7 +41,7 @@ class EncoderSpec:
 def load_spec_tokenizer(spec: EncoderSpec) -> Any:
     """The tokenizer `spec` asks for (light `tokenizers` loader where equivalent, see
     encoder/json_tokenizer.py); main process and workers load it the same way."""
-    return load_tokenizer(spec.tokenizer_path, add_tokens=list(spec.add_tokens),
+    return load_encoding_tokenizer(spec.tokenizer_path, add_tokens=list(spec.add_tokens),
                           backend=spec.tokenizer_backend,
                           chat_template=spec.encode_type != "pretrain" and spec.template == "chat")
 
@@ -136,10 +137,10 @@ def _wrap_rows(r: Ragged, prefix: list[int], suffix: list[int]) -> Ragged:
     return Ragged(out, offsets)
 
 
-class SampleEncoder:
+class DocumentEncoder:
     """Encode validated rows (str for pretrain, message lists for qa/chat).
 
-    >>> enc = SampleEncoder(EncoderSpec("../shared/tokenizers/llama2", "qa", 64))  # doctest: +SKIP
+    >>> enc = DocumentEncoder(EncoderSpec("../shared/tokenizers/llama2", "qa", 64))  # doctest: +SKIP
     >>> enc.encode_rows([[{"role": "user", "content": "Hi"},
     ...                   {"role": "assistant", "content": "Yo"}]])[0].ids      # doctest: +SKIP
     array([    1, 6324,   612, 29877,     2])
