@@ -29,6 +29,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from encoder.errors import BackendError
+
 TOKENIZER_BACKENDS = ("auto", "gigatoken", "tokenizers", "transformers")
 # Strings on which tokenizer implementations are known to diverge: special-token text,
 # whitespace runs and CR/LF/tab mixes (pre-tokenizer regexes), CJK/emoji/ZWJ/combining marks
@@ -96,10 +98,6 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str]) -> Ragged: ...
 
     def encode_split(self, texts: list[str]) -> list[list[int]]: ...
-
-
-class BackendError(ValueError):
-    """--tokenizer_backend cannot be used with this tokenizer (bad input: exit code 2)."""
 
 
 # -- engines ---------------------------------------------------------------------------------------

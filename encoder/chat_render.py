@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from encoder.conversation import REASONING_KEYS, tools_of
-from encoder.templates import Segment, TemplateError, merge_segments
+from encoder.errors import InputNotFoundError, TemplateError
+from encoder.templates import Segment, merge_segments
 
 BUILTIN_CHAT_TEMPLATES = {"chatml_tools": Path(__file__).with_name("chat_templates") / "chatml_tools.jinja"}
 PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ue000", "\ue001"
@@ -54,8 +55,8 @@ def resolve_chat_template(value: str | None) -> tuple[str | None, str | None]:
         return BUILTIN_CHAT_TEMPLATES[value].read_text(encoding="utf-8"), f"builtin:{value}"
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"--chat_template {value}: no such file, and not a built-in name "
-                         f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
+        raise InputNotFoundError(f"--chat_template {value}: no such file, and not a built-in "
+                                 f"name (built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
     return path.read_text(encoding="utf-8"), str(path)
 
 

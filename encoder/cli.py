@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from encoder.packing import DEFAULT_PACK_WINDOW
 from shardfmt.run_config import add_config_flag
 from encoder.templates import TEMPLATE_NAMES
+from encoder.errors import UsageError
 from encoder.backends import TOKENIZER_BACKENDS
 from encoder.document_encoder import CROSS_CHECK_EVERY
 from encoder.tokenizer_policy import SAVE_DTYPES
@@ -120,9 +121,9 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+        raise UsageError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
     if not 0 <= i < n:
-        raise ValueError(f"--part {text}: need 0 <= I < N")
+        raise UsageError(f"--part {text}: need 0 <= I < N")
     return i, n
 
 
@@ -207,11 +208,11 @@ def validate_args(args: EncodeArgs) -> list[str]:
 
 
 def check_args(args: EncodeArgs | argparse.Namespace) -> None:
-    """Raise one ValueError listing every problem `validate_args` finds (a parsed Namespace, as
+    """Raise one UsageError listing every problem `validate_args` finds (a parsed Namespace, as
     encoder.distributed passes, is checked through its EncodeArgs copy and left unchanged)."""
     if isinstance(args, argparse.Namespace):
         args = EncodeArgs.from_namespace(args)
     problems = validate_args(args)
     if problems:
-        raise ValueError(problems[0] if len(problems) == 1 else
+        raise UsageError(problems[0] if len(problems) == 1 else
                          f"{len(problems)} problems:\n  " + "\n  ".join(problems))

@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 import uuid
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ from typing import Any, Callable, Sequence
 
 from encoder.cli import build_parser as build_encoder_parser
 from encoder.cli import check_args
+from encoder.errors import (EncoderError, EncoderInputError, EncoderRunError, InputNotFoundError,
+                            OutputExistsError, UsageError, exit_code)
+from shardfmt.errors import ShardfmtError
+from shardfmt.errors import exit_code as shardfmt_exit_code
 from shardfmt.spec import MANIFEST_NAME
 
 PROGRESS_SECONDS = 5.0     # driver prints a progress line at most this often
@@ -72,10 +77,6 @@ written, deletes parts of earlier encodings under OUTPUT/CORPUS.parts/).
 
 the encoder's flags:
 """
-
-
-class UsageError(ValueError):
-    """Bad flags for encoder.distributed (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,9 @@ def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Nam
         ours.only_parts = parse_only_parts(ours.only_parts, ours.num_parts, problems)
     if problems:
         raise UsageError("; ".join(problems))
-    check_args(enc)   # the encoder's own cross-flag checks (ValueError naming the flag)
+    check_args(enc)   # the encoder's own cross-flag checks (UsageError naming the flag)
     if not Path(enc.data_loader_path).is_file():
-        raise UsageError(f"--data_loader_path {enc.data_loader_path}: no such file")
+        raise InputNotFoundError(f"--data_loader_path {enc.data_loader_path}: no such file")
     return ours, enc, without_flags(rest, PER_PART_FLAGS)
 
 
@@ -239,9 +240,9 @@ def check_output_free(layout: Layout, *, overwrite: bool) -> None:
     m = layout.merged
     if m.exists() and any(m.iterdir()) and not overwrite and not merged_is_ours(layout):
         state = "a complete" if (m / MANIFEST_NAME).exists() else "an incomplete"
-        raise FileExistsError(f"{m} already holds {state} dataset; pass --overwrite to replace it "
-                              f"(once the new one is merged), or choose another --corpus_name / "
-                              f"--output_path")
+        raise OutputExistsError(f"{m} already holds {state} dataset; pass --overwrite to replace "
+                                f"it (once the new one is merged), or choose another "
+                                f"--corpus_name / --output_path")
 
 
 # -- one part -------------------------------------------------------------------------------------
@@ -250,11 +251,11 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
     """Encode part `index` into a fresh attempt directory, then rename it to its final place.
 
     Returns {"part", "tokens", "samples", "seconds"} ({"skipped": True} if already complete),
-    or {"part", "error"} for a user error (bad data/flags: retrying would fail the same way).
-    Any other exception propagates (Ray retries the task). A killed attempt leaves only its
+    or {"part", "error"} for a user error (an EncoderInputError: bad data/flags, retrying would
+    fail the same way). Any other exception propagates (Ray retries the task). A killed attempt leaves only its
     `.attempt-*` directory, which holds no manifest at the final place and is never merged.
     """
-    from encoder.main import USER_ERRORS, run
+    from encoder.main import run
 
     if layout.is_complete(index):
         return {"part": index, "skipped": True}
@@ -272,7 +273,7 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
             print(f"part {index}/{layout.num_parts} on {os.uname().nodename} pid {os.getpid()}: "
                   f"{' '.join(argv)}", file=sys.stderr, flush=True)
             result = run(args, progress=progress)
-    except USER_ERRORS as e:
+    except EncoderInputError as e:
         shutil.rmtree(attempt, ignore_errors=True)
         if transient(e):
             raise
@@ -356,6 +357,8 @@ def run_local(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int],
         try:
             progress.finish(encode_part(encoder_argv, layout, i))
         except Exception as e:  # noqa: BLE001 - report which part failed, keep the others
+            if not isinstance(e, EncoderError):   # a bug: keep its traceback visible
+                traceback.print_exc()
             progress.failed[i] = f"{type(e).__name__}: {e}"
         progress.maybe_print(force=True)
 
@@ -460,7 +463,7 @@ def merge_parts(layout: Layout, *, overwrite: bool) -> Path:
 
     missing = [i for i in range(layout.num_parts) if not layout.is_complete(i)]
     if missing:
-        raise RuntimeError(f"cannot merge: {len(missing)} of {layout.num_parts} parts are not "
+        raise EncoderRunError(f"cannot merge: {len(missing)} of {layout.num_parts} parts are not "
                            f"complete ({compact(missing)}); re-run the same command to encode them")
     out = layout.merged
     aside = None
@@ -537,12 +540,12 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except EncoderError as e:   # ours only: anything else is a bug and keeps its traceback
         print(f"encoder.distributed: error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as e:
+        return exit_code(e)
+    except ShardfmtError as e:  # merging the parts: a part that is not what its manifest says
         print(f"encoder.distributed: error: {e}", file=sys.stderr)
-        return 1
+        return shardfmt_exit_code(e)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from encoder.backends import Ragged, choose_backend, reference_encoder
-from encoder.templates import TemplateError, make_template, render
+from encoder.errors import CrossCheckError, TemplateError
+from encoder.templates import make_template, render
 from encoder.tokenizer_policy import load_encoding_tokenizer, measure_policy
 from encoder.truncation import truncate
 
@@ -54,21 +55,6 @@ class Encoded(NamedTuple):
     status: str          # "ok" | "truncated" | "dropped" | "invalid"
     raw_len: int
     reason: str = ""
-
-
-class CrossCheckError(RuntimeError):
-    """The engine and the reference gave different ids for a sampled row: the run stops (exit 1)."""
-
-    def __init__(self, row: int, engine: str, ids: list[int], reference: str, ref_ids: list[int]):
-        diff = next((k for k, (a, b) in enumerate(zip(ids, ref_ids)) if a != b),
-                    min(len(ids), len(ref_ids)))
-        super().__init__(
-            f"cross-check failed at row {row}: {engine} and {reference} give different ids "
-            f"(first difference at position {diff}; {len(ids)} vs {len(ref_ids)} ids). "
-            f"{engine} ids: {ids}; {reference} ids: {ref_ids}. Nothing was completed (no "
-            f"manifest); re-run with --tokenizer_backend {reference} and report the row to "
-            f"the {engine} project")
-        self.row, self.ids, self.ref_ids = row, ids, ref_ids
 
 
 def cross_check_sampled(row_ids: np.ndarray, every: int) -> np.ndarray:

@@ -29,25 +29,25 @@ from encoder.cli import EncodeArgs, build_parser, check_args, parse_part  # noqa
 from encoder.packing import PretrainChunker, pack_windows  # noqa: E402
 from encoder.pipeline import (encode_batches, read_ahead, reject,  # noqa: E402
                               validated_batches)
-from encoder.plugins import (PluginError, RowError, iter_part, load_plugin,  # noqa: E402
-                             parse_kv_args)
+from encoder.errors import (EncoderError, OutputExistsError, OutputNotWritableError,  # noqa: E402
+                            OutputWriteError, RowError, exit_code)
+from encoder.plugins import iter_part, load_plugin, parse_kv_args  # noqa: E402
 from encoder.json_tokenizer import JsonTokenizer  # noqa: E402
-from encoder.document_encoder import (CrossCheckError, DocumentEncoder, Encoded,  # noqa: E402
+from encoder.document_encoder import (DocumentEncoder, Encoded,  # noqa: E402
                                       EncodedBatch, EncoderSpec, load_spec_tokenizer)
 from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
-from encoder.templates import TemplateError  # noqa: E402
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 
 # One packed training window before it is written: its documents as (ids, loss mask) pairs, and
 # whether it continues the previous window's last document (a split pretrain chunk).
 PackedWindow = tuple[list[tuple[np.ndarray, np.ndarray]], bool]
-USER_ERRORS = (PluginError, RowError, TemplateError, ValueError, FileExistsError,
-               FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, encode, print a summary. Returns 0, or 2 after a one-line error."""
+    """Parse `argv`, encode, print a summary. Returns 0; 2 (bad flags, files, plugin or rows) or
+    1 (the run failed: cross-check, disk full) after a one-line error. Only the encoder's own
+    errors are caught: any other exception is a bug and keeps its traceback."""
     from shardfmt.run_config import format_resolved, parse_with_config
     ns = parse_with_config(build_parser(), argv)  # --config run.yaml, command line wins
     source = f"--config {ns.config} + command line" if ns.config else "command line"
@@ -57,15 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         run(args)
-    except CrossCheckError as e:   # the engine disagreed with the reference: the run failed
+    except EncoderError as e:
         print(f"llm-encode: error: {e}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as e:
-        print(f"llm-encode: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, file too large, read-only or unwritable output directory
-        print(f"llm-encode: error: {io_error_text(e, args)}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     return 0
 
 
@@ -79,14 +73,18 @@ def set_thread_env(args: Any) -> None:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def io_error_text(e: OSError, args: Any) -> str:
-    """One line for a failed read/write: what, errno name, path; and that nothing looks complete."""
+def output_error(e: OSError, args: Any) -> EncoderError:
+    """Ours for a failed write: what, errno name, path; and that nothing looks complete. An
+    output path the user cannot write to is bad input (exit 2); disk full or an I/O error is a
+    failed run (exit 1)."""
     import errno
     code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""
     where = e.filename or (os.path.join(args.output_path, args.corpus_name)
                            if args.output_path and args.corpus_name else "")
-    return (f"{e.strerror or e}{code}: {where} (the dataset was not completed: no manifest.json; "
+    text = (f"{e.strerror or e}{code}: {where} (the dataset was not completed: no manifest.json; "
             f"free space or fix permissions, then re-run with --overwrite)")
+    unwritable = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+    return OutputNotWritableError(text) if unwritable else OutputWriteError(text)
 
 
 def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -284,7 +282,20 @@ def write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats
                   tokenizer_info: Any = None) -> dict:
     """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it.
     `tokenizer_info`: the manifest's tokenizer identity, or a future of it (computed while the
-    first batch is read; needed only when the manifest is written)."""
+    first batch is read; needed only when the manifest is written). A failed write raises
+    OutputWriteError / OutputNotWritableError (encoder.errors), naming the path."""
+    try:
+        return _write_dataset(samples, args=args, stats=stats, dtype=dtype, encoder=encoder,
+                              added=added, part=part, tokenizer_info=tokenizer_info)
+    except OSError as e:   # disk full, file too large, read-only or unwritable output directory
+        if isinstance(e, EncoderError):
+            raise
+        raise output_error(e, args) from e
+
+
+def _write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats, dtype: str,
+                   encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
+                   tokenizer_info: Any) -> dict:
     from shardfmt import ShardWriter, tokenizer_identity
 
     packing = "chunk" if args.encode_type == "pretrain" else "bfd" if args.merge_data else "none"
@@ -300,7 +311,7 @@ def write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats
                              metadata=run_metadata(args, encoder=encoder, added=added, part=part),
                              overwrite=args.overwrite)
     except FileExistsError as e:
-        raise FileExistsError(f"refusing to write: {e}") from None
+        raise OutputExistsError(f"refusing to write: {e}") from None
     with writer as w:
         shard_tokens: list[int] = []
         for segs, cont in samples:

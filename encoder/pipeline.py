@@ -17,7 +17,8 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
-from encoder.plugins import RowError, check_row
+from encoder.errors import RowError
+from encoder.plugins import check_row
 from encoder.document_encoder import DocumentEncoder, EncodedBatch, EncoderSpec
 from encoder.stats import RunStats
 

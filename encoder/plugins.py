@@ -22,19 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from encoder.errors import PluginError, UsageError
+
 ROLES = ("system", "user", "assistant")
-
-
-class PluginError(RuntimeError):
-    """The plugin file cannot be used at all (missing file, no data_loader, raised)."""
-
-
-class RowError(ValueError):
-    """One row is wrong; the message names the plugin file, the row index and the problem."""
-
-    def __init__(self, plugin: str, row: int, problem: str):
-        super().__init__(f"{plugin}: row {row}: {problem}")
-        self.plugin, self.row, self.problem = plugin, row, problem
 
 
 @dataclass(frozen=True)
@@ -75,7 +65,7 @@ def parse_kv_args(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--data_loader_args {item!r}: expected key=value")
+            raise UsageError(f"--data_loader_args {item!r}: expected key=value")
         out[key] = value
     return out
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from encoder.errors import TemplateError
+
 Segment = tuple  # (kind, value, trained)
 Message = dict   # {"role": "system"|"user"|"assistant", "content": str}
 
 TEMPLATE_NAMES = ("none", "chat", "alpaca", "chatml", "llama2")
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
-
-
-class TemplateError(ValueError):
-    """A template cannot be used with this tokenizer, or cannot render this conversation."""
 
 
 def render(template: Any, messages: list[Message]) -> list[Segment]:

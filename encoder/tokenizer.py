@@ -46,7 +46,9 @@ from typing import Any, Iterator
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoder.plugins import PluginError, RowError, check_row, load_plugin, parse_kv_args, raw_rows
+from encoder.errors import (EncoderError, EncoderRunError, InputNotFoundError, OutputExistsError,
+                            RowError, UsageError, exit_code)
+from encoder.plugins import check_row, load_plugin, parse_kv_args, raw_rows
 
 SP_SPECIALS = ("<unk>", "<s>", "</s>")       # Llama-2 / SentencePiece layout: ids 0, 1, 2
 BYTE_LEVEL_SPECIALS = ("<s>", "</s>")       # ids 0, 1
@@ -59,10 +61,6 @@ CHATML_TEMPLATE = (
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"))}
-
-
-class TokenizerToolError(ValueError):
-    """Bad input for `python -m encoder.tokenizer` (exit code 2)."""
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -94,7 +92,7 @@ class Corpus:
                 self.train_chars += len(text)
                 yield text
         if self.rows == 0:
-            raise TokenizerToolError(f"--data_loader_path {self.plugin_path}: the plugin yielded "
+            raise UsageError(f"--data_loader_path {self.plugin_path}: the plugin yielded "
                                      f"no rows")
 
 
@@ -169,7 +167,7 @@ def train_tokenizer(corpus: Corpus, *, model: str, vocab_size: int, sentencepiec
     specials = _specials(model, sp, special_tokens or [])
     reserved = len(specials) + (len(BYTE_PIECES) if sp else 0)
     if vocab_size <= reserved + 1:
-        raise TokenizerToolError(f"--vocab_size {vocab_size}: must exceed the {reserved} special "
+        raise UsageError(f"--vocab_size {vocab_size}: must exceed the {reserved} special "
                                  f"and byte tokens")
     if model == "unigram":
         tok = Tokenizer(models.Unigram())
@@ -256,7 +254,7 @@ def resolve_chat_template(value: str | None) -> tuple[str | None, list[str]]:
         return text, list(tokens)
     path = Path(value)
     if not path.is_file():
-        raise TokenizerToolError(f"--chat_template {value}: neither a bundled name "
+        raise UsageError(f"--chat_template {value}: neither a bundled name "
                                  f"({', '.join(CHAT_TEMPLATES)}) nor a jinja file")
     return path.read_text(encoding="utf-8"), []
 
@@ -313,12 +311,12 @@ class Extension:
 def _base_json(base: Path) -> dict:
     path = base / "tokenizer.json"
     if not path.is_file():
-        raise TokenizerToolError(f"--base {base}: no tokenizer.json (extend needs a fast tokenizer "
+        raise UsageError(f"--base {base}: no tokenizer.json (extend needs a fast tokenizer "
                                  f"directory; convert a slow one with AutoTokenizer.from_pretrained"
                                  f"(...).save_pretrained(...))")
     data = json.loads(path.read_text(encoding="utf-8"))
     if data["model"].get("type") != "BPE":
-        raise TokenizerToolError(f"--base {base}: tokenizer.json model is "
+        raise UsageError(f"--base {base}: tokenizer.json model is "
                                  f"{data['model'].get('type')!r}; extend supports BPE bases "
                                  f"(SentencePiece-BPE such as llama2, byte-level BPE such as gpt2)")
     return data
@@ -535,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_output(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        raise TokenizerToolError(f"--output {out} exists and is not empty; choose a new directory")
+        raise OutputExistsError(f"--output {out} exists and is not empty; choose a new directory")
 
 
 def _print_density(label: str, d: Density) -> None:
@@ -546,7 +544,7 @@ def _print_density(label: str, d: Density) -> None:
 def heldout_texts(corpus: Corpus) -> tuple[list[str], str]:
     if corpus.heldout:
         return corpus.heldout, f"held-out slice (every {corpus.heldout_every}th row, {len(corpus.heldout)} texts)"
-    raise TokenizerToolError(
+    raise UsageError(
         f"--data_loader_path {corpus.plugin_path}: only {corpus.rows} rows, so no row was held "
         f"out with --heldout_every {corpus.heldout_every}; lower it (or split the text into more "
         f"rows, e.g. split=paragraph for text.py)")
@@ -589,15 +587,16 @@ def run_extend(args) -> None:
     from tokenizers import Tokenizer
     base, out = Path(args.base), Path(args.output)
     if (args.pieces is None) == (args.data_loader_path is None):
-        raise TokenizerToolError("extend: give either --data_loader_path P --vocab_size N, or "
+        raise UsageError("extend: give either --data_loader_path P --vocab_size N, or "
                                  "--pieces FILE")
     if args.data_loader_path and not args.vocab_size:
-        raise TokenizerToolError("extend: --data_loader_path needs --vocab_size N (the size of the "
+        raise UsageError("extend: --data_loader_path needs --vocab_size N (the size of the "
                                  "vocabulary trained on the corpus)")
     if args.pieces and not Path(args.pieces).is_file():
-        raise TokenizerToolError(f"--pieces {args.pieces}: no such file")
+        raise InputNotFoundError(f"--pieces {args.pieces}: no such file")
     if not base.is_dir():
-        raise TokenizerToolError(f"--base {base}: not a directory")
+        raise InputNotFoundError(f"--base {base}: not a directory (give a Hugging Face tokenizer "
+                                 f"directory with tokenizer.json)")
     _check_output(out)
     corpus = (Corpus(args.data_loader_path, parse_kv_args(args.data_loader_args), args.heldout_every)
               if args.data_loader_path else None)
@@ -609,7 +608,7 @@ def run_extend(args) -> None:
     n_base, moved = verify_base_ids(base, tmp)
     if moved:
         shutil.rmtree(tmp)
-        raise RuntimeError(f"{len(moved)} base tokens changed id, e.g. {moved[:5]}; nothing written")
+        raise EncoderRunError(f"{len(moved)} base tokens changed id, e.g. {moved[:5]}; nothing written")
     if out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -632,16 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "heldout_every", 0) < 0:
-            raise TokenizerToolError("--heldout_every must be >= 0")
+            raise UsageError("--heldout_every must be >= 0")
         if getattr(args, "vocab_size", None) is not None and args.vocab_size < 1:
-            raise TokenizerToolError(f"--vocab_size must be >= 1 (got {args.vocab_size})")
+            raise UsageError(f"--vocab_size must be >= 1 (got {args.vocab_size})")
         run_train(args) if args.command == "train" else run_extend(args)
-    except (TokenizerToolError, PluginError, RowError, FileExistsError, FileNotFoundError) as e:
-        print(f"encoder.tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"encoder.tokenizer: failed: {e}", file=sys.stderr)
-        return 1
+    except EncoderError as e:   # ours only: anything else is a bug and keeps its traceback
+        print(f"encoder.tokenizer: {'error' if exit_code(e) == 2 else 'failed'}: {e}", file=sys.stderr)
+        return exit_code(e)
     return 0
 
 

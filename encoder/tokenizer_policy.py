@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from encoder.backends import TOKENIZER_BACKENDS
+from encoder.errors import InputNotFoundError, UsageError
 from encoder.json_tokenizer import JsonTokenizer, light_load_problem
 from shardfmt import dtype_max_id, smallest_dtype_for
 
@@ -40,25 +41,25 @@ class TokenPolicy:
         return asdict(self)
 
 
-def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None, backend: str = "auto",
-                   chat_template: bool = False) -> Any:
+def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None,
+                            backend: str = "auto", chat_template: bool = False) -> Any:
     """The tokenizer at `path`, then `add_tokens` added as special tokens.
 
     backend "auto"/"gigatoken"/"tokenizers": a `JsonTokenizer` (tokenizers library only, ~1 s)
     where it is known to equal transformers' tokenizer (`light_load_problem` is None), else
     `AutoTokenizer.from_pretrained(path, local_files_only=True)` (~8 s: imports torch).
     "transformers": always the latter. (Which engine then encodes: encoder/backends.py.)
-    The process environment is left alone (no HF_HUB_OFFLINE): `path` is a local directory. `chat_template`: the caller
-    renders the tokenizer's jinja chat template (transformers only).
+    The process environment is left alone (no HF_HUB_OFFLINE): `path` is a local directory.
+    `chat_template`: the caller renders the tokenizer's jinja chat template (transformers only).
     Tokens the tokenizer already knows as single tokens are not added twice; the existing
     additional special tokens are kept (the original tool replaced them).
     """
     if backend not in TOKENIZER_BACKENDS:
-        raise ValueError(f"--tokenizer_backend {backend}: choose one of "
+        raise UsageError(f"--tokenizer_backend {backend}: choose one of "
                          f"{', '.join(TOKENIZER_BACKENDS)}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--tokenizer_path {path}: no such directory (expected a Hugging "
-                                f"Face tokenizer dir with tokenizer.json / tokenizer_config.json)")
+        raise InputNotFoundError(f"--tokenizer_path {path}: no such directory (expected a "
+                                 f"Hugging Face tokenizer dir with tokenizer.json / tokenizer_config.json)")
     if backend != "transformers" and light_load_problem(path, needs_chat_template=chat_template,
                                                 add_tokens=add_tokens) is None:
         try:
@@ -67,7 +68,12 @@ def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None, b
             pass  # e.g. a special token missing from tokenizer.json: let transformers decide
     from transformers import AutoTokenizer  # heavy import (torch), kept local
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:   # a directory that holds no (readable) tokenizer
+        raise UsageError(f"--tokenizer_path {path}: transformers cannot load a tokenizer from it "
+                         f"({type(e).__name__}: {e}); give a Hugging Face tokenizer directory "
+                         f"(tokenizer.json / tokenizer_config.json)") from e
     new = [t for t in add_tokens or [] if t not in tok.get_vocab()]
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, **_keep_existing_kw(tok))
@@ -106,16 +112,16 @@ def choose_dtype(requested: str, *, vocab_size: int, num_added: int = 0) -> str:
     'uint16'
     >>> choose_dtype("int16", vocab_size=151669)
     Traceback (most recent call last):
-    ValueError: --save_dtype int16 holds ids up to 32767, but the tokenizer has 151669 tokens ...
+    encoder.errors.UsageError: --save_dtype int16 holds ids up to 32767, but the tokenizer has 151669 tokens ...
     """
     if requested not in SAVE_DTYPES:
-        raise ValueError(f"--save_dtype {requested}: choose one of {', '.join(SAVE_DTYPES)}")
+        raise UsageError(f"--save_dtype {requested}: choose one of {', '.join(SAVE_DTYPES)}")
     fits = smallest_dtype_for(vocab_size)
     if requested == "auto":
         return fits
     if vocab_size - 1 > dtype_max_id(requested):
         added = f" (incl. {num_added} added)" if num_added else ""
-        raise ValueError(f"--save_dtype {requested} holds ids up to {dtype_max_id(requested)}, but "
+        raise UsageError(f"--save_dtype {requested} holds ids up to {dtype_max_id(requested)}, but "
                          f"the tokenizer has {vocab_size} tokens{added} (max id {vocab_size - 1}); "
                          f"use --save_dtype {fits} (or auto)")
     return requested

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from encoder.errors import UsageError
+
 TRUNCATION_MODES = ("drop", "right", "prompt_left")
 DEFAULT_TRUNCATION = "drop"
 
@@ -41,7 +43,7 @@ def truncate(ids: np.ndarray, mask: np.ndarray, *, max_length: int, mode: str,
         keep = np.r_[0:keep_prefix, keep_prefix + excess:len(ids)]
         ids, mask = ids[keep], mask[keep]
     else:
-        raise ValueError(f"--truncation {mode}: choose one of {', '.join(TRUNCATION_MODES)}")
+        raise UsageError(f"--truncation {mode}: choose one of {', '.join(TRUNCATION_MODES)}")
     if not mask.any():
         return None, None, "dropped"
     return ids, mask, "truncated"

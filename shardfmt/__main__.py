@@ -2,6 +2,12 @@
 
     python -m shardfmt inspect out/corpus [--json] [--tokenizer PATH --show 3]
     python -m shardfmt verify out/corpus            # exit 0 = intact, 1 = problems (listed)
+
+Exit codes (all subcommands): 0 ok; 1 the run failed (verify: the data does not match its
+checksums or index, or a file of it is missing; any other subcommand: a shard found corrupt); 2
+bad input or usage (a bad flag, a path that names no dataset, a dataset whose encode never
+finished, an output that already exists without --overwrite). Only
+shardfmt's own errors (shardfmt.errors) are caught: anything else is a bug and keeps its traceback.
     python -m shardfmt export-megatron out/corpus megatron/corpus_text_document
     python -m shardfmt merge part0/corpus part1/corpus all/corpus
 
@@ -18,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shardfmt.errors import ShardfmtError
+from shardfmt.errors import ShardfmtError, exit_code
 from shardfmt.protocol import TokenDataset
-from shardfmt.sources import open_dataset
+from shardfmt.sources import open_dataset, path_kind
 
 
 def dataset_summary(ds: TokenDataset) -> dict:
@@ -92,10 +98,15 @@ def _print_summary(summary: dict, indent: int = 0) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """0 intact; 1 the data does not match its checksums/index, or a file of it is missing or
+    unfinished (each problem listed). A path that names no dataset at all is bad input: raised,
+    so main() exits 2."""
+    for path in args.dirs:
+        path_kind(path)   # DatasetNotFoundError: nothing there to verify
     try:
         ds = open_dataset(args.dirs)  # header and size checks of every file
         problems = ds.verify()
-    except (ShardfmtError, FileNotFoundError) as err:
+    except ShardfmtError as err:
         problems = [str(err)]
     for p in problems:
         print(f"FAIL {p}")
@@ -169,15 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; 0 ok, 1 the run failed, 2 bad input or usage (see the module doc)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)   # a bad flag: argparse prints the usage and exits 2
     if args.command == "merge" and len(args.dirs) < 2:
-        print("merge: give at least one part directory and the output directory", file=sys.stderr)
-        return 2
+        parser.error("merge: give at least one part directory and the output directory")
     try:
         return args.func(args)
-    except (ShardfmtError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except ShardfmtError as err:   # ours only: anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return exit_code(err)
 
 
 if __name__ == "__main__":

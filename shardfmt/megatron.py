@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from shardfmt.errors import CorruptShardError, DatasetNotFoundError
+from shardfmt.errors import CorruptShardError, DatasetNotFoundError, OutputExistsError, UsageError
 from shardfmt.protocol import Sample, length_summary
 from shardfmt.spec import (DTYPE_CODES, MEGATRON_HEADER, MEGATRON_MAGIC, megatron_array_offsets,
                            megatron_index_nbytes, pack_megatron_header, unpack_megatron_header)
@@ -358,9 +358,12 @@ class MegatronBuilder:
 
     def __init__(self, prefix: str | os.PathLike, *, dtype: str | np.dtype,
                  overwrite: bool = False) -> None:
-        out_dtype = np.dtype(dtype)
-        if out_dtype.name not in DTYPE_CODES:
-            raise ValueError(f"dtype {out_dtype.name} has no Megatron token dtype code; use one of "
+        try:
+            out_dtype = np.dtype(dtype)
+        except TypeError:
+            out_dtype = None
+        if out_dtype is None or out_dtype.name not in DTYPE_CODES:
+            raise UsageError(f"--dtype {dtype}: no Megatron token dtype code; use one of "
                              f"{sorted(DTYPE_CODES)}")
         self.dtype = out_dtype.newbyteorder("<")
         self._info = np.iinfo(self.dtype)
@@ -368,7 +371,8 @@ class MegatronBuilder:
         if not overwrite:
             for path in (self.idx_path, self.bin_path):
                 if path.exists():
-                    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+                    raise OutputExistsError(f"{path} exists; pass --overwrite (overwrite=True) to "
+                                            f"replace it")
         self.idx_path.parent.mkdir(parents=True, exist_ok=True)
         tag = f".tmp{os.getpid()}"
         self._bin_tmp = self.bin_path.with_name(self.bin_path.name + tag)
@@ -393,12 +397,12 @@ class MegatronBuilder:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < self._info.min or hi > self._info.max:
                 bad = hi if hi > self._info.max else lo
-                raise ValueError(f"token id {bad} does not fit {self.dtype.name}; export with "
-                                 f"dtype={_fitting_dtype(lo, hi)!r}")
+                raise UsageError(f"token id {bad} does not fit {self.dtype.name}; export with "
+                                 f"--dtype {_fitting_dtype(lo, hi)} (dtype={_fitting_dtype(lo, hi)!r})")
         self._open_len = max(self._open_len, 0) + ids.size
         if self._open_len > np.iinfo(np.int32).max:
-            raise ValueError(f"a sequence of {self._open_len} tokens exceeds Megatron's int32 "
-                             f"sequence lengths")
+            raise UsageError(f"a sequence of {self._open_len} tokens exceeds Megatron's int32 "
+                             f"sequence lengths; export with --split segment")
         data = ids.astype(self.dtype, copy=False).tobytes()
         self._pending.append(data)
         self._pending_bytes += len(data)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from shardfmt.errors import OutputExistsError, UsageError
 from shardfmt.reader import Dataset
 from shardfmt.spec import MANIFEST_NAME
 from shardfmt.writer import write_json_atomic
@@ -32,12 +33,12 @@ def merge_datasets(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     for path, m in zip(parts, ds.manifests):
         for key in _MUST_MATCH:
             if m.get(key) != first.get(key):
-                raise ValueError(f"{path}: {key}={m.get(key)!r} differs from {parts[0]}'s "
+                raise UsageError(f"{path}: {key}={m.get(key)!r} differs from {parts[0]}'s "
                                  f"{first.get(key)!r}; only parts of one encoding can be merged")
         if m["tokenizer"].get("vocab_hash") != first["tokenizer"].get("vocab_hash"):
-            raise ValueError(f"{path}: encoded with a different tokenizer than {parts[0]}")
+            raise UsageError(f"{path}: encoded with a different tokenizer than {parts[0]}")
     if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     shards = []
     for path, m in zip(parts, ds.manifests):

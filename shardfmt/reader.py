@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shardfmt.errors import CorruptShardError, IncompleteDatasetError
+from shardfmt.errors import CorruptShardError, DatasetNotFoundError, IncompleteDatasetError
 from shardfmt.protocol import Sample, length_summary, locate
 from shardfmt.verify import verify_shard
 from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, HEADER, MANIFEST_FORMAT,
@@ -183,7 +183,7 @@ def index_problem(arrays: dict, h: IndexHeader) -> str | None:
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such dataset directory")
+        raise DatasetNotFoundError(f"{directory}: no such dataset directory")
     if not path.exists():
         leftovers = sorted(p.name for p in directory.iterdir())[:5]
         raise IncompleteDatasetError(

@@ -22,11 +22,9 @@ import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
+from shardfmt.errors import ConfigFileError
+
 CONFIG_FLAG = "--config"
-
-
-class ConfigFileError(ValueError):
-    """The --config file is missing, not a mapping, or has a key/value no flag accepts."""
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import xxhash
 
+from shardfmt.errors import OutputExistsError
 from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, MANIFEST_FORMAT, MANIFEST_NAME,
                            WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
                            shard_file_names, smallest_dtype_for)
@@ -239,13 +240,13 @@ class ShardWriter:
                 or any(d.glob(f"{self.corpus_name}_*.idx*"))
             if not overwrite:
                 state = "a complete" if (d / MANIFEST_NAME).exists() else "an incomplete"
-                raise FileExistsError(f"{d} already holds {state} dataset; pass --overwrite "
-                                      f"(overwrite=True) to replace it, or choose another "
-                                      f"corpus name / output path")
+                raise OutputExistsError(f"{d} already holds {state} dataset; pass --overwrite "
+                                        f"(overwrite=True) to replace it, or choose another "
+                                        f"corpus name / output path")
             if not ours:
-                raise FileExistsError(f"{d} is not empty and does not look like a shardfmt "
-                                      f"dataset (no manifest, no {self.corpus_name}_*.bin); "
-                                      f"refusing to delete it even with overwrite")
+                raise OutputExistsError(f"{d} is not empty and does not look like a shardfmt "
+                                        f"dataset (no manifest, no {self.corpus_name}_*.bin); "
+                                        f"refusing to delete it even with overwrite")
             self._final, self.directory = d, staging
         self.directory.mkdir(parents=True, exist_ok=True)
 

@@ -96,13 +96,13 @@ def test_control_token_strings_in_data_stay_text(name, literal):
 
 
 def test_chat_template_missing_is_an_error():
-    from encoder.templates import TemplateError
+    from encoder.errors import TemplateError
     with pytest.raises(TemplateError, match="no chat_template"):
         make_encoder("llama2", "chat", encode_type="chat")
 
 
 def test_chatml_without_tokens_suggests_add_tokens():
-    from encoder.templates import TemplateError
+    from encoder.errors import TemplateError
     with pytest.raises(TemplateError, match="--add_tokens"):
         make_encoder("gpt2", "chatml", encode_type="chat")
 

@@ -184,7 +184,7 @@ def test_special_token_text_in_tool_data_stays_text(encoders):
 
 
 def test_unsupported_parts_are_refused(encoders, hermetic_tokenizer_dir):
-    from encoder.templates import TemplateError
+    from encoder.errors import TemplateError
     enc = encoders("llama3")   # Llama-3.1 template: single tool call per message, no reasoning
     bad = enc.encode_rows([check_row(PARALLEL, encode_type="chat")])[0]
     assert bad.status == "invalid" and "reasoning_content" in bad.reason

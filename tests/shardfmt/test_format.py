@@ -357,7 +357,8 @@ def test_inspect_incomplete_dataset_exits_nonzero(tmp_path):
     (tmp_path / "c").mkdir()
     out = subprocess.run([sys.executable, "-m", "shardfmt", "inspect", str(tmp_path / "c")],
                          capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 1 and "incomplete dataset" in out.stderr
+    # bad input (the path is not a finished dataset): 2, the one exit-code convention (README)
+    assert out.returncode == 2 and "incomplete dataset" in out.stderr
 
 
 def test_open_dataset_reads_megatron_prefix_and_mixes(tmp_path):
@@ -377,7 +378,7 @@ def test_export_megatron_cli(tmp_path, dataset):
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert first.returncode == 0, first.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 1 and "overwrite" in again.stderr
+    assert again.returncode == 2 and "overwrite" in again.stderr   # bad usage: exit 2 (README)
     assert subprocess.run(cmd + ["--overwrite"], cwd=REPO, capture_output=True).returncode == 0
     assert open_dataset(prefix).num_tokens == open_dataset(dataset).num_tokens
 
