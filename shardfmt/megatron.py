@@ -30,8 +30,9 @@ import numpy as np
 
 from shardfmt.errors import CorruptShardError, DatasetNotFoundError, OutputExistsError, UsageError
 from shardfmt.protocol import Sample, length_summary
-from shardfmt.spec import (DTYPE_CODES, MEGATRON_HEADER, MEGATRON_MAGIC, megatron_array_offsets,
-                           megatron_index_nbytes, pack_megatron_header, unpack_megatron_header)
+from shardfmt.spec import (DTYPE_CODES, MEGATRON_ARRAYS, MEGATRON_HEADER, MEGATRON_MAGIC,
+                           megatron_array_offsets, megatron_index_nbytes, pack_megatron_header,
+                           token_dtype, unpack_megatron_header)
 from shardfmt.writer import fsync_dir
 
 __all__ = ["MEGATRON_HEADER", "MEGATRON_MAGIC", "megatron_index_nbytes", "MegatronDataset",
@@ -73,7 +74,7 @@ class MegatronDataset:
             raw = f.read(MEGATRON_HEADER.size)
         self.header = unpack_megatron_header(raw, path=str(self.idx_path), file_size=idx_size)
         # token dtype of .bin (little-endian, as Megatron writes on every platform it runs on)
-        self._dtype = np.dtype(self.header.dtype).newbyteorder("<")
+        self._dtype = token_dtype(self.header.dtype)
         self.num_sequences = self.header.num_sequences      # S (= samples here)
         self.num_doc_indices = self.header.num_doc_indices  # D (= documents + 1)
         if self.bin_nbytes % self._dtype.itemsize:
@@ -365,7 +366,7 @@ class MegatronBuilder:
         if out_dtype is None or out_dtype.name not in DTYPE_CODES:
             raise UsageError(f"--dtype {dtype}: no Megatron token dtype code; use one of "
                              f"{sorted(DTYPE_CODES)}")
-        self.dtype = out_dtype.newbyteorder("<")
+        self.dtype = token_dtype(out_dtype)
         self._info = np.iinfo(self.dtype)
         self.idx_path, self.bin_path = _split_prefix(prefix)
         if not overwrite:
@@ -457,16 +458,19 @@ class MegatronBuilder:
             itemsize = self.dtype.itemsize
             with open(self._idx_tmp, "wb") as f:
                 f.write(pack_megatron_header(self.dtype.name, num_seqs, num_docs + 1))
-                for chunk in self._lens.chunks():                     # sequence_lengths, <i4
-                    f.write(chunk.astype("<i4").tobytes())
+                # the arrays in the file order of spec.MEGATRON_ARRAYS
+                lens_dt, ptrs_dt, docs_dt = (MEGATRON_ARRAYS[k] for k in (
+                    "sequence_lengths", "sequence_pointers", "document_indices"))
+                for chunk in self._lens.chunks():
+                    f.write(chunk.astype(lens_dt).tobytes())
                 base = 0
-                for chunk in self._lens.chunks():                     # sequence_pointers, <i8
+                for chunk in self._lens.chunks():
                     ends = np.cumsum(chunk * itemsize, dtype=np.int64) + base
-                    f.write((ends - chunk * itemsize).astype("<i8").tobytes())
+                    f.write((ends - chunk * itemsize).astype(ptrs_dt).tobytes())
                     base = int(ends[-1])
-                f.write(np.zeros(1, "<i8").tobytes())                 # document_indices, <i8
+                f.write(np.zeros(1, docs_dt).tobytes())   # document_indices start with 0
                 for chunk in self._doc_ends.chunks():
-                    f.write(chunk.astype("<i8").tobytes())
+                    f.write(chunk.astype(docs_dt).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
             if base != self.num_tokens * itemsize:  # internal consistency, never expected

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,14 @@ import numpy as np
 from shardfmt.errors import CorruptShardError, DatasetNotFoundError, IncompleteDatasetError
 from shardfmt.protocol import Sample, length_summary, locate
 from shardfmt.verify import verify_shard
-from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, HEADER, MANIFEST_FORMAT,
-                           MANIFEST_NAME, IndexHeader, index_array_offsets, index_nbytes,
+from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, HEADER, INDEX_ARRAYS,
+                           MANIFEST_FORMAT, MANIFEST_NAME, OFFSET_ROW_NBYTES, OFFSET_ROW_PAIR,
+                           IndexHeader, index_array_offsets, index_nbytes, token_dtype,
                            unpack_header)
 
 
 _new_sample = tuple.__new__  # NamedTuple's own __new__ costs ~0.6 us more per sample
-_SIX_OFFSETS = struct.Struct("<6q")  # rows j and j+1 of sample_offsets: ~0.2 us less than a slice
+_SIX_OFFSETS = OFFSET_ROW_PAIR  # rows j and j+1 of sample_offsets: ~0.2 us less than a slice
 # Read-only arrays shared by every read of a sample of that length (a sample <= max_length tokens,
 # so at most max_length entries of ~100 bytes): an all-True loss mask (pretrain) and the doc_lens
 # of a one-document sample. A dict lookup is ~0.05 us; slicing a fresh view costs ~0.3 us each.
@@ -51,7 +51,7 @@ def _one_doc(n: int) -> np.ndarray:
     """doc_lens of a one-document sample of n tokens: read-only [n] (int32, as in the index)."""
     lens = _ONE_DOC.get(n)
     if lens is None:
-        lens = _ONE_DOC[n] = np.array([n], dtype="<i4")
+        lens = _ONE_DOC[n] = np.array([n], dtype=INDEX_ARRAYS["doc_lens"][0])
         lens.flags.writeable = False
     return lens
 
@@ -100,7 +100,7 @@ class _ShardFiles:
         arrays["sample_span_offsets"] = offsets[:, 2]
         if h.num_tokens:
             bin_mm = np.memmap(self.bin_path, dtype=np.uint8, mode="r")
-            arrays["tokens"] = np.frombuffer(bin_mm, dtype=self.dtype.newbyteorder("<"),
+            arrays["tokens"] = np.frombuffer(bin_mm, dtype=token_dtype(self.dtype),
                                              count=h.num_tokens)
         else:
             arrays["tokens"] = np.zeros(0, dtype=self.dtype)
@@ -123,7 +123,7 @@ class _ShardFiles:
             self.open()
             fast = self.fast
         idx_mm, offsets_at, spans_mv, lens, tokens = fast
-        t0, d0, s0, t1, d1, s1 = _SIX_OFFSETS.unpack_from(idx_mm, offsets_at + 24 * j)
+        t0, d0, s0, t1, d1, s1 = _SIX_OFFSETS.unpack_from(idx_mm, offsets_at + OFFSET_ROW_NBYTES * j)
         n = t1 - t0
         if s1 - s0 == 1 and spans_mv[2 * s0] == 0 and spans_mv[2 * s0 + 1] == n:
             mask = _ALL_TRUE.get(n)  # pretrain: every token trained; shared, read-only

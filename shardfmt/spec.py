@@ -57,6 +57,23 @@ assert HEADER.size == 48
 
 DOC_FLAG_CONTINUES = 1  # bit 0 of doc_flags
 
+# The arrays after the header, in file order: name -> (little-endian dtype, elements per row).
+# index_array_offsets, index_nbytes, the reader and the writer all take them from here.
+INDEX_ARRAYS: dict[str, tuple[str, int]] = {
+    "sample_offsets": ("<i8", 3),   # rows (tokens, docs, spans), S + 1 of them
+    "doc_lens": ("<i4", 1),         # D
+    "loss_spans": ("<i4", 2),       # L rows (start, end)
+    "doc_flags": ("<u1", 1),        # D
+}
+OFFSET_ROW_NBYTES = 3 * 8                 # one sample_offsets row
+OFFSET_ROW_PAIR = struct.Struct("<6q")    # rows j and j+1: sample j's bounds in one read
+assert OFFSET_ROW_PAIR.size == 2 * OFFSET_ROW_NBYTES
+
+
+def token_dtype(dtype: str | np.dtype) -> np.dtype:
+    """The on-disk (little-endian) dtype of the tokens in a `.bin` (both formats)."""
+    return np.dtype(dtype).newbyteorder("<")
+
 
 @dataclass(frozen=True)
 class IndexHeader:
@@ -106,22 +123,24 @@ def unpack_header(raw: bytes, *, path: str) -> IndexHeader:
     return IndexHeader(version, CODE_TO_DTYPE[code], s, d, l, t)
 
 
+def _index_rows(num_samples: int, num_docs: int, num_spans: int) -> dict[str, int]:
+    return {"sample_offsets": num_samples + 1, "doc_lens": num_docs, "loss_spans": num_spans,
+            "doc_flags": num_docs}
+
+
 def index_nbytes(num_samples: int, num_docs: int, num_spans: int) -> int:
     """Exact `.idx` size for the given counts (see the layout table above)."""
-    return HEADER.size + 3 * 8 * (num_samples + 1) + 4 * num_docs + 8 * num_spans + num_docs
+    rows = _index_rows(num_samples, num_docs, num_spans)
+    return HEADER.size + sum(rows[name] * per_row * np.dtype(dt).itemsize
+                             for name, (dt, per_row) in INDEX_ARRAYS.items())
 
 
 def index_array_offsets(h: IndexHeader) -> dict[str, tuple[int, int, str]]:
     """Byte offset, element count and numpy dtype of every array in the index."""
-    s1 = h.num_samples + 1
-    layout = [
-        ("sample_offsets", 3 * s1, "<i8"),
-        ("doc_lens", h.num_docs, "<i4"),
-        ("loss_spans", 2 * h.num_spans, "<i4"),
-        ("doc_flags", h.num_docs, "<u1"),
-    ]
+    rows = _index_rows(h.num_samples, h.num_docs, h.num_spans)
     out, pos = {}, HEADER.size
-    for name, count, dt in layout:
+    for name, (dt, per_row) in INDEX_ARRAYS.items():
+        count = rows[name] * per_row
         out[name] = (pos, count, dt)
         pos += count * np.dtype(dt).itemsize
     return out
@@ -155,6 +174,12 @@ MEGATRON_VERSION = 1
 MEGATRON_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D
 assert MEGATRON_HEADER.size == 34
 MEGATRON_FLOAT_CODES = {6: "float64", 7: "float32"}
+# The arrays after the header, in file order: name -> little-endian dtype.
+MEGATRON_ARRAYS: dict[str, str] = {
+    "sequence_lengths": "<i4",    # S
+    "sequence_pointers": "<i8",   # S, byte offsets into .bin
+    "document_indices": "<i8",    # D
+}
 
 
 @dataclass(frozen=True)
@@ -166,7 +191,10 @@ class MegatronHeader:
 
 def megatron_index_nbytes(num_sequences: int, num_doc_indices: int) -> int:
     """Exact size of a text (non-multimodal) `.idx` with these header counts."""
-    return MEGATRON_HEADER.size + 12 * num_sequences + 8 * num_doc_indices
+    sizes = {name: np.dtype(dt).itemsize for name, dt in MEGATRON_ARRAYS.items()}
+    return (MEGATRON_HEADER.size
+            + (sizes["sequence_lengths"] + sizes["sequence_pointers"]) * num_sequences
+            + sizes["document_indices"] * num_doc_indices)
 
 
 def pack_megatron_header(dtype: str, num_sequences: int, num_doc_indices: int) -> bytes:
@@ -206,10 +234,13 @@ def unpack_megatron_header(raw: bytes, *, path: str, file_size: int) -> Megatron
 
 def megatron_array_offsets(h: MegatronHeader) -> dict[str, tuple[int, int, str]]:
     """Byte offset, element count and numpy dtype of every array of a Megatron `.idx`."""
-    s, d, base = h.num_sequences, h.num_doc_indices, MEGATRON_HEADER.size
-    return {"sequence_lengths": (base, s, "<i4"),
-            "sequence_pointers": (base + 4 * s, s, "<i8"),
-            "document_indices": (base + 12 * s, d, "<i8")}
+    counts = {"sequence_lengths": h.num_sequences, "sequence_pointers": h.num_sequences,
+              "document_indices": h.num_doc_indices}
+    out, pos = {}, MEGATRON_HEADER.size
+    for name, dt in MEGATRON_ARRAYS.items():
+        out[name] = (pos, counts[name], dt)
+        pos += counts[name] * np.dtype(dt).itemsize
+    return out
 
 
 def is_megatron_index(path: str) -> bool:

@@ -23,9 +23,9 @@ import numpy as np
 import xxhash
 
 from shardfmt.errors import OutputExistsError
-from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, MANIFEST_FORMAT, MANIFEST_NAME,
-                           WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
-                           shard_file_names, smallest_dtype_for)
+from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, INDEX_ARRAYS, MANIFEST_FORMAT,
+                           MANIFEST_NAME, WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
+                           shard_file_names, smallest_dtype_for, token_dtype)
 
 ENCODE_TYPES = ("pretrain", "qa", "chat", "preference")  # preference: see shardfmt/preference.py
 _FLUSH_TOKENS = 1 << 21  # ~4 MB of uint16 per write() call
@@ -128,7 +128,7 @@ class _ShardBuilder:
 
     def _flush(self) -> None:
         if self._pending:
-            self.bin.write(np.concatenate(self._pending).astype(self.dtype.newbyteorder("<"),
+            self.bin.write(np.concatenate(self._pending).astype(token_dtype(self.dtype),
                                                                copy=False).tobytes())
             self._pending, self._pending_tokens = [], 0
 
@@ -140,11 +140,14 @@ class _ShardBuilder:
                              len(self.spans) // 2, self.num_tokens)
         idx = _HashingFile(self.directory / (self.idx_name + ".tmp"))
         idx.write(pack_header(header))
-        for arr, dt in ((self.sample_offsets, "<i8"), (self.doc_lens, "<i4"), (self.spans, "<i4")):
-            # array("q"/"i") is native-endian; astype("<i8"/"<i4") is a no-op on x86/ARM.
-            idx.write(np.frombuffer(arr, dtype=np.dtype(arr.typecode)).astype(dt, copy=False)
-                      .tobytes())
-        idx.write(bytes(self.doc_flags))
+        arrays = {"sample_offsets": self.sample_offsets, "doc_lens": self.doc_lens,
+                  "loss_spans": self.spans, "doc_flags": self.doc_flags}
+        for name, (dt, _) in INDEX_ARRAYS.items():   # the file order (shardfmt/spec.py)
+            # array("q"/"i") is native-endian; astype to the spec's little-endian dtype is a
+            # no-op on x86/ARM. doc_flags is a bytearray (u1).
+            arr = arrays[name]
+            native = np.dtype(arr.typecode) if isinstance(arr, array) else np.uint8
+            idx.write(np.frombuffer(arr, dtype=native).astype(dt, copy=False).tobytes())
         idx_hash = idx.close_synced()
         os.replace(self.bin.path, self.directory / self.bin_name)
         os.replace(idx.path, self.directory / self.idx_name)
