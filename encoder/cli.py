@@ -199,7 +199,7 @@ def validate_args(args: EncodeArgs) -> list[str]:
                         f"{args.max_length}")
     try:
         parse_part(args.part)
-    except ValueError as e:
+    except UsageError as e:
         problems.append(str(e))
     for item in args.data_loader_args:
         if "=" not in item or item.startswith("="):

@@ -313,15 +313,10 @@ def _write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStat
     except FileExistsError as e:
         raise OutputExistsError(f"refusing to write: {e}") from None
     with writer as w:
-        shard_tokens: list[int] = []
         for segs, cont in samples:
             w.add_sample(segs, continues_previous=cont)
-            n = sum(len(ids) for ids, _ in segs)
-            stats.sample_lengths.append(n)
-            if not shard_tokens or (shard_tokens[-1] > 0 and shard_tokens[-1] + n > tokens_per_file):
-                shard_tokens.append(0)
-            shard_tokens[-1] += n
-        stats.tokens_per_shard = shard_tokens
+            stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
+        stats.tokens_per_shard = w.shard_tokens   # the writer's own roll rule, not re-derived
         if pairs:
             from shardfmt.preference import preference_manifest_entry
             w.manifest_extra["preference"] = preference_manifest_entry(

@@ -358,6 +358,12 @@ class ShardWriter:
             "shards": len(parts),
         }
 
+    @property
+    def shard_tokens(self) -> list[int]:
+        """Tokens in each shard so far, the open one last (the roll rule lives in `_shard_for`)."""
+        return [s["tokens"] for s in self._shards] + ([self._current.num_tokens]
+                                                      if self._current else [])
+
     def _current_summary(self) -> dict:
         c = self._current
         return {"samples": c.num_samples, "docs": len(c.doc_lens), "tokens": c.num_tokens,
