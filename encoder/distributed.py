@@ -252,8 +252,9 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
 
     Returns {"part", "tokens", "samples", "seconds"} ({"skipped": True} if already complete),
     or {"part", "error"} for a user error (an EncoderInputError: bad data/flags, retrying would
-    fail the same way). Any other exception propagates (Ray retries the task). A killed attempt leaves only its
-    `.attempt-*` directory, which holds no manifest at the final place and is never merged.
+    fail the same way). Any other exception propagates (Ray retries the task). A killed attempt
+    leaves only its `.attempt-*` directory, which holds no manifest at the final place and is
+    never merged.
     """
     from encoder.main import run
 

@@ -90,7 +90,8 @@ class CrossCheckError(EncoderRunError, RuntimeError):
             f"{engine} ids: {ids}; {reference} ids: {ref_ids}. Nothing was completed (no "
             f"manifest); re-run with --tokenizer_backend {reference} and report the row to "
             f"the {engine} project")
-        self.row, self.engine, self.ids, self.reference, self.ref_ids = row, engine, ids, reference, ref_ids
+        self.row, self.engine, self.reference = row, engine, reference
+        self.ids, self.ref_ids = ids, ref_ids
 
     def __reduce__(self):
         return type(self), (self.row, self.engine, self.ids, self.reference, self.ref_ids)

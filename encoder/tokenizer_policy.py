@@ -112,7 +112,7 @@ def choose_dtype(requested: str, *, vocab_size: int, num_added: int = 0) -> str:
     'uint16'
     >>> choose_dtype("int16", vocab_size=151669)
     Traceback (most recent call last):
-    encoder.errors.UsageError: --save_dtype int16 holds ids up to 32767, but the tokenizer has 151669 tokens ...
+    encoder.errors.UsageError: --save_dtype int16 holds ids up to 32767, but the tokenizer has ...
     """
     if requested not in SAVE_DTYPES:
         raise UsageError(f"--save_dtype {requested}: choose one of {', '.join(SAVE_DTYPES)}")
