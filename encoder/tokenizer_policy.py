@@ -110,7 +110,7 @@ def choose_dtype(requested: str, *, vocab_size: int, num_added: int = 0) -> str:
 
     >>> choose_dtype("auto", vocab_size=50257)
     'uint16'
-    >>> choose_dtype("int16", vocab_size=151669)
+    >>> choose_dtype("int16", vocab_size=151669)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     encoder.errors.UsageError: --save_dtype int16 holds ids up to 32767, but the tokenizer has ...
     """
