@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass, fields
 
 from encoder.packing import DEFAULT_PACK_WINDOW
@@ -179,6 +180,11 @@ def validate_args(args: EncodeArgs) -> list[str]:
     problems = []
     if not args.analyze and (not args.output_path or not args.corpus_name):
         problems.append("--output_path and --corpus_name are required (unless --analyze)")
+    if args.corpus_name and ("/" in args.corpus_name or args.corpus_name.startswith(".")):
+        problems.append(f"--corpus_name {args.corpus_name!r}: must be a plain directory name "
+                        f"(no '/', not starting with '.'); put the path in --output_path")
+    if args.plot and not args.analyze and importlib.util.find_spec("matplotlib") is None:
+        problems.append("--plot needs matplotlib: pip install matplotlib (or drop --plot)")
     if args.max_length < 1:
         problems.append(f"--max_length {args.max_length}: must be >= 1")
     if args.num_workers is not None and args.num_workers < 1:

@@ -80,6 +80,8 @@ def raw_rows(plugin: Plugin, kwargs: dict) -> Iterator[tuple[int, Any]]:
     except TypeError as e:
         raise PluginError(f"{plugin.path}: data_loader({', '.join(kwargs)}) failed: {e}; check "
                           f"--data_loader_args against the plugin's parameters") from e
+    except Exception as e:   # a plain function (not a generator) that raised before any row
+        raise PluginError(f"{plugin.path}: data_loader() raised {type(e).__name__}: {e}") from e
     index = 0
     while True:
         try:

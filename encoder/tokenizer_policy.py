@@ -59,9 +59,10 @@ def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None,
                          f"{', '.join(TOKENIZER_BACKENDS)}")
     if not os.path.isdir(path):
         raise InputNotFoundError(f"--tokenizer_path {path}: no such directory (expected a "
-                                 f"Hugging Face tokenizer dir with tokenizer.json / tokenizer_config.json)")
-    if backend != "transformers" and light_load_problem(path, needs_chat_template=chat_template,
-                                                add_tokens=add_tokens) is None:
+                                 f"Hugging Face tokenizer dir with tokenizer.json / "
+                                 f"tokenizer_config.json)")
+    if backend != "transformers" and _light_load_problem(path, chat_template=chat_template,
+                                                         add_tokens=add_tokens) is None:
         try:
             return JsonTokenizer(path)
         except ValueError:
@@ -78,6 +79,16 @@ def load_encoding_tokenizer(path: str, *, add_tokens: list[str] | None = None,
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, **_keep_existing_kw(tok))
     return tok
+
+
+def _light_load_problem(path: str, *, chat_template: bool,
+                        add_tokens: list[str] | None) -> str | None:
+    """`light_load_problem`, with a config file that is not JSON reported as bad input."""
+    try:
+        return light_load_problem(path, needs_chat_template=chat_template, add_tokens=add_tokens)
+    except ValueError as e:   # json.JSONDecodeError: tokenizer_config.json / tokenizer.json
+        raise UsageError(f"--tokenizer_path {path}: a config file is not valid JSON ({e}); give "
+                         f"a Hugging Face tokenizer directory") from e
 
 
 def _keep_existing_kw(tok: Any) -> dict:

@@ -212,3 +212,21 @@ def test_shardfmt_exit_code_reaches_the_shell(tmp_path):
     out = subprocess.run([sys.executable, "-m", "shardfmt", "inspect", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "no such dataset" in out.stderr and one_line(out.stderr)
+
+
+def test_encoder_bad_inputs_found_late_are_still_user_errors(tok_dir, plugin, tmp_path, capsys):
+    """Inputs that used to escape as builtin exceptions are reported as ours: 2, one line."""
+    from encoder.main import main
+    flags = encode_flags(tok_dir, plugin, tmp_path / "out")
+    code, err = call(main, [*flags, "--corpus_name", "a/b"], capsys)
+    assert code == 2 and "--corpus_name 'a/b'" in err and one_line(err), err
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_text("{not json")
+    code, err = call(main, [*flags, "--tokenizer_path", broken], capsys)
+    assert code == 2 and f"--tokenizer_path {broken}" in err and one_line(err), err
+    eager = tmp_path / "eager.py"   # a plain function that raises before yielding any row
+    eager.write_text("def data_loader():\n    return open('/nonexistent/rows.jsonl')\n")
+    code, err = call(main, [*flags, "--data_loader_path", eager], capsys)
+    assert code == 2 and f"{eager}: data_loader() raised FileNotFoundError" in err, err
