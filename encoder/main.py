@@ -38,6 +38,7 @@ from encoder.document_encoder import (DocumentEncoder, Encoded,  # noqa: E402
 from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
+from shardfmt.writer import SampleBlock  # noqa: E402
 
 # One packed training window before it is written: its documents as (ids, loss mask) pairs, and
 # whether it continues the previous window's last document (a split pretrain chunk).
@@ -139,8 +140,11 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
     if args.analyze:
         if args.plot:
             print("note: --plot is ignored with --analyze (nothing is written)", file=sys.stderr)
-        for segs, _ in samples:
-            stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
+        for item in samples:
+            if isinstance(item, SampleBlock):
+                stats.sample_lengths.frombytes(item.sample_lens().astype(np.int32).tobytes())
+            else:
+                stats.sample_lengths.append(sum(len(ids) for ids, _ in item[0]))
         result = stats.as_dict()
         result["tokenizer_backend"] = encoder.backend_info()
     else:
@@ -255,29 +259,27 @@ def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterat
 
 
 def pretrain_samples(encoded: Iterable[Encoded_], *, max_length: int, stats: RunStats,
-                     drop_remainder: bool) -> Iterator[PackedWindow]:
+                     drop_remainder: bool) -> Iterator[PackedWindow | SampleBlock]:
     """Concatenate documents and cut into max_length samples; every token is trained. Works a
-    batch at a time on flat arrays (`PretrainChunker.push_batch`): no Python per document."""
+    batch at a time on flat arrays (`PretrainChunker.push_block`): no Python per document or
+    per sample. Yields a `SampleBlock` per batch, and the remainder as one `PackedWindow`."""
     chunker = PretrainChunker(max_length=max_length)
-
-    def with_masks(sample: tuple[list[np.ndarray], bool]) -> PackedWindow:
-        segs, cont = sample
-        return [(s, None) for s in segs], cont  # None = every token trained (writer fast path)
-
     for _, batch in encoded:
         stats.doc_lengths.frombytes(batch.raw_lens.astype(np.int32).tobytes())
-        for sample in chunker.push_batch(batch.ids, batch.offsets):
-            yield with_masks(sample)
+        block = chunker.push_block(batch.ids, batch.offsets)
+        if block is not None:
+            yield block
     rest = chunker.finish()
     if rest is not None:
         stats.remainder_tokens = sum(len(s) for s in rest[0])
         stats.remainder_dropped = drop_remainder
         if not drop_remainder:
-            yield with_masks(rest)
+            segs, cont = rest
+            yield [(s, None) for s in segs], cont  # None = every token trained
 
 
 # -- writing --------------------------------------------------------------------------------------
-def write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats, dtype: str,
+def write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats, dtype: str,
                   encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
                   tokenizer_info: Any = None) -> dict:
     """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it.
@@ -293,7 +295,7 @@ def write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats
         raise output_error(e, args) from e
 
 
-def _write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStats, dtype: str,
+def _write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats, dtype: str,
                    encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
                    tokenizer_info: Any) -> dict:
     from shardfmt import ShardWriter, tokenizer_identity
@@ -313,7 +315,12 @@ def _write_dataset(samples: Iterable[PackedWindow], *, args: Any, stats: RunStat
     except FileExistsError as e:
         raise OutputExistsError(f"refusing to write: {e}") from None
     with writer as w:
-        for segs, cont in samples:
+        for item in samples:
+            if isinstance(item, SampleBlock):   # pretrain: many samples at once
+                w.add_block(item)
+                stats.sample_lengths.frombytes(item.sample_lens().astype(np.int32).tobytes())
+                continue
+            segs, cont = item
             w.add_sample(segs, continues_previous=cont)
             stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
         stats.tokens_per_shard = w.shard_tokens   # the writer's own roll rule, not re-derived

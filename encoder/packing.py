@@ -11,6 +11,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from shardfmt.writer import SampleBlock
+
 DEFAULT_PACK_WINDOW = 20000
 
 
@@ -236,6 +238,43 @@ class PretrainChunker:
         self._fill = len(rest)
         self._continues = continues
         return done
+
+    def push_block(self, ids: np.ndarray, offsets: np.ndarray) -> SampleBlock | None:
+        """`push_batch` with the completed samples as one `SampleBlock` (flat arrays; None when
+        no sample was completed) for `ShardWriter.add_block`: no Python per sample either.
+        Same samples, segments and flags as `push_batch`.
+
+        >>> c = PretrainChunker(max_length=4)
+        >>> b = c.push_block(np.arange(8), np.array([0, 6, 8]))
+        >>> b.doc_lens.tolist(), b.docs_per_sample.tolist(), b.continues.tolist()
+        ([4, 2, 2], [1, 2], [False, True])
+        """
+        length = self.max_length
+        carry_ends = np.cumsum([len(x) for x in self._segments], dtype=np.int64)
+        body = ids[offsets[0]:offsets[-1]]
+        stream = np.concatenate(self._segments + [body]) if self._segments else body
+        # document ends in the stream: strictly increasing (every document has >= 1 token)
+        ends = np.concatenate([carry_ends, self._fill + offsets[1:] - offsets[0]])
+        full = len(stream) // length
+        cut = full * length
+        block = None
+        if full:
+            bounds = np.arange(1, full + 1, dtype=np.int64) * length   # sample ends
+            cuts = np.union1d(ends[ends < cut], bounds)                # segment ends
+            seg_lens = np.diff(cuts, prepend=0)
+            per_sample = np.diff(np.searchsorted(cuts, bounds, side="right"), prepend=0)
+            on_end = np.isin(bounds, ends, assume_unique=True)   # sample ends with a document
+            continues = np.concatenate(([self._continues], ~on_end[:-1]))
+            block = SampleBlock(stream[:cut], seg_lens, per_sample, continues)
+            self._continues = not bool(on_end[-1])
+        rest = stream[cut:]
+        if len(rest):
+            lo = np.searchsorted(ends, cut, "right")
+            self._segments = np.split(rest, ends[lo:-1] - cut) if lo < len(ends) - 1 else [rest]
+        else:
+            self._segments = []
+        self._fill = len(rest)
+        return block
 
     def finish(self) -> tuple[list[np.ndarray], bool] | None:
         """The remainder (< max_length tokens) or None when the stream ended on a boundary."""

@@ -17,7 +17,7 @@ import sys
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
@@ -126,6 +126,36 @@ class _ShardBuilder:
         if self._pending_tokens >= _FLUSH_TOKENS:
             self._flush()
 
+    def add_block(self, ids: np.ndarray, doc_lens: np.ndarray, docs_per_sample: np.ndarray,
+                  sample_lens: np.ndarray, flags: bytes, max_id: int) -> None:
+        """`add` for many all-trained samples at once (one span per document): the same index
+        rows as one `add` per sample, built with numpy instead of a Python loop per sample."""
+        n = len(sample_lens)
+        rows = np.empty((n, 3), dtype=np.int64)
+        np.cumsum(sample_lens, out=rows[:, 0])
+        rows[:, 0] += self.num_tokens
+        np.cumsum(docs_per_sample, out=rows[:, 1])
+        rows[:, 2] = rows[:, 1] + len(self.spans) // 2   # one span per document segment
+        rows[:, 1] += len(self.doc_lens)
+        # a document's span is (its start, its end) inside its sample
+        doc_ends = np.cumsum(doc_lens, dtype=np.int64)
+        sample_starts = np.cumsum(sample_lens, dtype=np.int64) - sample_lens
+        starts = doc_ends - doc_lens - np.repeat(sample_starts, docs_per_sample)
+        spans = np.stack([starts, starts + doc_lens], axis=1).ravel()
+        self._pending.append(ids)
+        self._pending_tokens += len(ids)
+        self.num_tokens += len(ids)
+        self.doc_lens.frombytes(np.asarray(doc_lens, dtype=np.dtype(self.doc_lens.typecode))
+                                .tobytes())
+        self.doc_flags += flags
+        self.spans.frombytes(spans.astype(np.dtype(self.spans.typecode)).tobytes())
+        self.sample_offsets.frombytes(rows.astype(np.dtype(self.sample_offsets.typecode))
+                                      .tobytes())
+        self.loss_tokens += len(ids)
+        self.max_token_id = max(self.max_token_id, max_id)
+        if self._pending_tokens >= _FLUSH_TOKENS:
+            self._flush()
+
     def _flush(self) -> None:
         if self._pending:
             self.bin.write(np.concatenate(self._pending).astype(token_dtype(self.dtype),
@@ -184,6 +214,32 @@ def sample_loss_spans(mask: np.ndarray, doc_lens: list[int]) -> np.ndarray:
     if len(split):  # a run crossing a boundary b: end it at b and start a new one at b
         edges = np.sort(np.concatenate([edges, split, split]), kind="stable")
     return edges.astype(np.int32)
+
+
+class SampleBlock(NamedTuple):
+    """Many consecutive samples in which every token is trained (pretrain chunks), as flat
+    arrays: sample k is made of document segments `docs_per_sample[k]` long, taken in order from
+    `doc_lens`, whose tokens are taken in order from `ids`. `continues[k]`: sample k's first
+    segment continues a document begun in the previous sample. `ShardWriter.add_block` writes it
+    byte-for-byte as `add_sample` would, one sample at a time, with no Python per sample.
+
+    >>> SampleBlock(np.arange(6), np.array([2, 2, 2]), np.array([1, 2]),
+    ...             np.array([False, True])).sample_lens().tolist()
+    [2, 4]
+    """
+
+    ids: np.ndarray              # integer tokens of all samples, back to back
+    doc_lens: np.ndarray         # length of each document segment (>= 1), in order
+    docs_per_sample: np.ndarray  # segments in each sample (>= 1)
+    continues: np.ndarray        # bool per sample
+
+    def sample_lens(self) -> np.ndarray:
+        """Tokens in each sample (int64)."""
+        bounds = np.zeros(len(self.docs_per_sample) + 1, dtype=np.int64)
+        np.cumsum(self.docs_per_sample, out=bounds[1:])
+        seg_ends = np.zeros(len(self.doc_lens) + 1, dtype=np.int64)
+        np.cumsum(self.doc_lens, out=seg_ends[1:])
+        return np.diff(seg_ends[bounds])
 
 
 class ShardWriter:
@@ -321,6 +377,55 @@ class ShardWriter:
             loss_tokens = int(np.count_nonzero(full))
         flags = bytes([DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1))
         self._shard_for(offset).add(ids_all, lens, spans, flags, loss_tokens, hi)
+
+    def add_block(self, block: SampleBlock) -> None:
+        """Append many samples in which every token is trained (`SampleBlock`): the same bytes
+        as one `add_sample([(segment, None), ...], continues_previous=...)` per sample, and the
+        same shard boundaries, but a few numpy calls per block instead of Python per sample
+        (pretrain: ~0.3 ms a sample saved, about a third of the encoder's main thread)."""
+        if self._closed:
+            raise RuntimeError(f"{self.directory}: add_block after close()/abort()")
+        ids, doc_lens = np.asarray(block.ids), np.asarray(block.doc_lens, dtype=np.int64)
+        per_sample = np.asarray(block.docs_per_sample, dtype=np.int64)
+        continues = np.asarray(block.continues, dtype=bool)
+        n = len(per_sample)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"add_block: ids must be a 1-D integer array (got shape {ids.shape}, "
+                             f"dtype {ids.dtype})")
+        if len(continues) != n or int(per_sample.sum()) != len(doc_lens) \
+                or int(doc_lens.sum()) != len(ids):
+            raise ValueError(f"add_block: inconsistent block ({len(ids)} ids, {len(doc_lens)} "
+                             f"segments summing to {int(doc_lens.sum())}, {n} samples of "
+                             f"{int(per_sample.sum())} segments, {len(continues)} flags)")
+        if n == 0:
+            return
+        if per_sample.min() < 1 or doc_lens.min() < 1:
+            raise ValueError("add_block: every sample needs at least one document, and every "
+                             "document segment at least one id")
+        sample_lens = block.sample_lens()
+        if sample_lens.max() > self.max_length:
+            k = int(np.argmax(sample_lens > self.max_length))
+            raise ValueError(f"sample {k} of the block has {int(sample_lens[k])} tokens, longer "
+                             f"than max_length={self.max_length}; split it before add_block")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > self.max_id:
+            self._raise_out_of_range(np.split(ids, np.cumsum(doc_lens)[:-1]))
+        tok_ends = np.cumsum(sample_lens)
+        seg_bounds = np.concatenate(([0], np.cumsum(per_sample)))
+        flags = np.zeros(len(doc_lens), dtype=np.uint8)
+        flags[seg_bounds[:-1][continues]] = DOC_FLAG_CONTINUES
+        pos = 0
+        while pos < n:
+            cur = self._shard_for(int(sample_lens[pos]))   # finishes a full shard, as add_sample
+            base = int(tok_ends[pos] - sample_lens[pos])
+            room = self.tokens_per_file - cur.num_tokens
+            end = max(pos + 1, int(np.searchsorted(tok_ends, base + room, side="right")))
+            t0, t1 = base, int(tok_ends[end - 1])
+            s0, s1 = int(seg_bounds[pos]), int(seg_bounds[end])
+            part = ids[t0:t1]
+            cur.add_block(part, doc_lens[s0:s1], per_sample[pos:end], sample_lens[pos:end],
+                          flags[s0:s1].tobytes(), int(part.max()))
+            pos = end
 
     def _raise_out_of_range(self, id_parts: list[np.ndarray]) -> None:
         """Name the first document holding an id the dtype cannot store (never wrap)."""

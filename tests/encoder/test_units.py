@@ -120,3 +120,31 @@ def test_small_helpers():
     with pytest.raises(ValueError, match="key=value"):
         parse_kv_args(["novalue"])
     assert [part_bounds(i, 4, 10) for i in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunker_push_block_equals_push_batch(seed):
+    """The bulk pretrain path (push_block -> SampleBlock) cuts exactly the samples, segments and
+    continuation flags of push_batch, across batches, including exact multiples of max_length."""
+    rng = np.random.default_rng(seed)
+    max_length = int(rng.integers(3, 40))
+    by_batch, by_block = PretrainChunker(max_length=max_length), PretrainChunker(max_length=max_length)
+    for _ in range(12):
+        lens = rng.integers(1, 3 * max_length, size=int(rng.integers(1, 30)))
+        if rng.random() < 0.3:   # documents that end exactly on sample boundaries
+            lens = np.full(int(rng.integers(1, 5)), max_length)
+        offsets = np.concatenate(([0], np.cumsum(lens)))
+        ids = rng.integers(0, 1000, size=int(offsets[-1]))
+        expected = by_batch.push_batch(ids, offsets)
+        block = by_block.push_block(ids, offsets)
+        if not expected:
+            assert block is None
+            continue
+        segs = np.split(block.ids, np.cumsum(block.doc_lens)[:-1])
+        per = np.split(np.arange(len(segs)), np.cumsum(block.docs_per_sample)[:-1])
+        got = [([segs[k].tolist() for k in ks], bool(c)) for ks, c in zip(per, block.continues)]
+        assert got == [([s.tolist() for s in ss], c) for ss, c in expected]
+    a, b = by_batch.finish(), by_block.finish()
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert [s.tolist() for s in a[0]] == [s.tolist() for s in b[0]] and a[1] == b[1]

@@ -396,3 +396,62 @@ def test_sample_loss_spans_equal_per_document_spans(masks):
         offset += len(m)
     full = np.concatenate([np.array(m, bool) for m in masks])
     assert sample_loss_spans(full, [len(m) for m in masks]).tolist() == expected
+
+
+def _random_block(rng, *, max_length: int, n: int):
+    from shardfmt.writer import SampleBlock
+    per_sample = rng.integers(1, 4, size=n)
+    doc_lens = np.concatenate([rng.multinomial(int(rng.integers(k, max_length + 1)) - k,
+                                               np.ones(k) / k) + 1 for k in per_sample])
+    ids = rng.integers(0, 1000, size=int(doc_lens.sum()))
+    return SampleBlock(ids, doc_lens, per_sample, rng.random(n) < 0.5)
+
+
+@pytest.mark.parametrize("tokens_per_file", [1 << 30, 50, 7])
+def test_add_block_writes_the_bytes_of_add_sample(tmp_path, tokens_per_file):
+    """ShardWriter.add_block (pretrain's bulk path) == add_sample per sample, byte for byte,
+    including shard boundaries (tokens_per_file 7 < some samples: one sample per shard)."""
+    rng = np.random.default_rng(tokens_per_file)
+    blocks = [_random_block(rng, max_length=12, n=int(rng.integers(1, 20))) for _ in range(6)]
+    kw = dict(dtype="uint16", encode_type="pretrain", max_length=12,
+              tokens_per_file=tokens_per_file, tokenizer_info=TOK_INFO, packing="chunk")
+    with ShardWriter(tmp_path / "one", "c", **kw) as w:
+        for b in blocks:
+            segs = np.split(b.ids, np.cumsum(b.doc_lens)[:-1])
+            k = 0
+            for n, cont in zip(b.docs_per_sample, b.continues):
+                w.add_sample([(s, None) for s in segs[k:k + n]], continues_previous=bool(cont))
+                k += n
+        one_shards = w.shard_tokens
+    with ShardWriter(tmp_path / "bulk", "c", **kw) as w:
+        for b in blocks:
+            w.add_block(b)
+        assert w.shard_tokens == one_shards
+    one, bulk = tmp_path / "one" / "c", tmp_path / "bulk" / "c"
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in bulk.iterdir()) and len(names) > 1
+    for name in names:
+        if name == "manifest.json":
+            a, b = (json.loads((d / name).read_text()) for d in (one, bulk))
+            a.pop("created_unix"), b.pop("created_unix")
+            assert a == b
+        else:
+            assert (one / name).read_bytes() == (bulk / name).read_bytes(), name
+
+
+def test_add_block_rejects_bad_blocks(tmp_path):
+    from shardfmt.writer import SampleBlock
+    with ShardWriter(tmp_path, "c", dtype="uint16", encode_type="pretrain", max_length=4,
+                     tokenizer_info=TOK_INFO) as w:
+        with pytest.raises(ValueError, match="longer than max_length=4"):
+            w.add_block(SampleBlock(np.arange(5), np.array([5]), np.array([1]), np.array([False])))
+        with pytest.raises(ValueError, match="inconsistent block"):
+            w.add_block(SampleBlock(np.arange(4), np.array([3]), np.array([1]), np.array([False])))
+        with pytest.raises(ValueError, match="does not fit dtype uint16"):
+            w.add_block(SampleBlock(np.array([1, 70000]), np.array([2]), np.array([1]),
+                                    np.array([False])))
+        with pytest.raises(ValueError, match="at least one id"):
+            w.add_block(SampleBlock(np.arange(2), np.array([2, 0]), np.array([2]),
+                                    np.array([False])))
+        w.add_block(SampleBlock(np.arange(4), np.array([4]), np.array([1]), np.array([False])))
+    assert open_dataset(tmp_path / "c").sample_lengths().tolist() == [4]
