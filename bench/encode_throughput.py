@@ -58,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared"
 RAW_BATCH = 1024
-GIGA_BATCH = 8192   # gigatoken's ceiling: big batches keep its thread pool busy
+GIGA_BATCH = 8192
+GLOB_ABOVE = 200    # --replicate above this passes the copies as globs (the 2 GB peak-RSS run)   # gigatoken's ceiling: big batches keep its thread pool busy
 CASES = {
     "qa": ("alpaca.py", ["alpaca_en_demo.json", "alpaca_zh_demo.json"]),
     "pretrain": ("text.py", ["c4_demo.jsonl", "tinyshakespeare.txt"]),
@@ -71,6 +72,11 @@ def plugin_args(case: str, shared: Path, replicate: int, out: Path) -> tuple[str
     paths = [shared / "data" / f for f in files]
     for k in range(1, replicate):
         paths += [distinct_copy(shared / "data" / f, k, out / "data") for f in files]
+    if replicate > GLOB_ABOVE:   # one argv string holds at most 128 KiB: name the copies by glob
+        stems = [Path(f) for f in files]
+        return str(ROOT / "encoder" / "user_data_loader" / plugin), ",".join(
+            [str(shared / "data" / f) for f in files]
+            + [str(out / "data" / f"{f.stem}.copy*{f.suffix}") for f in stems])
     return str(ROOT / "encoder" / "user_data_loader" / plugin), ",".join(map(str, paths))
 
 
@@ -323,7 +329,8 @@ def main() -> None:
                          "every case); 'all' for every case")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--baselines", default="raw,gigatoken,raw_fast,megatron,hf",
-                    help="baselines to run (the large-corpus run: gigatoken,megatron)")
+                    help="baselines to run (the large-corpus run: gigatoken,megatron); 'none': "
+                         "ours only")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "encode"))
     ap.add_argument("--json", help="also write the results here")
@@ -350,6 +357,10 @@ def main() -> None:
         for case, tok in combos:
             for w, results in runs[f"{case}/{tok}"]["ours"].items():
                 results.append(run_ours(case, tok, w, args))
+        if args.baselines == "none":   # ours only (the 2 GB peak-RSS run)
+            for key in runs:
+                runs[key]["base"].append({m: None for m, _ in BASELINES})
+            continue
         res = subprocess.run([sys.executable, __file__, "--_baselines", "--cases", args.cases,
                               "--tokenizers", args.tokenizers, "--replicate", str(args.replicate),
                               "--shared", args.shared, "--out", args.out,
@@ -380,7 +391,7 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
     rows_of = {key.split("/")[0]: next(iter(r["ours"].values()))[0]["rows"]
                for key, r in runs.items()}
     names = {"qa": "alpaca en+zh records", "pretrain": "c4 docs + tinyshakespeare paragraphs"}
-    up = {k: med(s[k] for s in startups) for k in startups[0]}
+    up = {k: med(s[k] for s in startups) for k in startups[0]} if startups else {}
     print(f"data: the files + {args.replicate - 1} distinct copies: "
           + "; ".join(f"{c}: {n:,} {names[c]}" for c, n in rows_of.items())
           + f"; max_length {args.max_length} (qa packed with --merge_data); medians of "
@@ -427,7 +438,7 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
                              + ", ".join(f"--num_workers {w} {med(x['setup_s'] for x in o):.2f}s"
                                          for w, o in r["ours"].items())
                              + f"; gigatoken load {med(b.get('load_giga_s', float('nan')) for b in base):.2f}s"
-                             f", tokenizers load {med(b['load_fast_s'] for b in base):.2f}s")
+                             f", tokenizers load {med(b.get('load_fast_s', float('nan')) for b in base):.2f}s")
         results[key] = {"tokens": tokens, "seconds": {lab: v[:2] for lab, v in rows.items()}}
     for line in startup_lines:
         print(line)

@@ -23,7 +23,8 @@ Paths (plugin, tokenizer, data, output) must mean the same file on every node: a
 filesystem mounted at the same place, or s3:// / gs:// URLs for the data. Tasks run in the
 driver's working directory when it exists on the node.
 Exit codes: 0 done, 1 some part failed after its retries (re-run the same command: complete parts
-are skipped), 2 bad flags or bad data (a part reported a user error).
+are skipped) or failed its sampled cross-check (never retried: the ids would differ again; the
+message names the row and both id lists), 2 bad flags or bad data (a part reported a user error).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from typing import Any, Callable, Sequence
 
 from encoder.cli import build_parser as build_encoder_parser
 from encoder.cli import check_args
-from encoder.errors import (EncoderError, EncoderInputError, EncoderRunError, InputNotFoundError,
-                            OutputExistsError, UsageError, exit_code)
+from encoder.errors import (CrossCheckError, EncoderError, EncoderInputError, EncoderRunError,
+                            InputNotFoundError, OutputExistsError, UsageError, exit_code)
 from shardfmt.errors import ShardfmtError
 from shardfmt.errors import exit_code as shardfmt_exit_code
 from shardfmt.spec import MANIFEST_NAME
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpus_per_part", type=float, default=1.0, help="CPUs Ray reserves per part (default 1; "
       "pair with the encoder's --num_workers to tokenize with several processes per part).")
     a("--max_retries", type=int, default=3, help="times Ray re-runs a part whose worker died or "
-      "that raised an unexpected error (default 3); bad data or flags are not retried.")
+      "that raised an unexpected error (default 3); bad data or flags and a failed cross-check "
+      "are not retried.")
     a("--ship_code", action="store_true", help="send this checkout's encoder/ and shardfmt/ to "
       "the Ray workers (runtime_env py_modules) instead of using the version installed on each "
       "node; costs a few seconds per node on first use.")
@@ -251,10 +253,12 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
     """Encode part `index` into a fresh attempt directory, then rename it to its final place.
 
     Returns {"part", "tokens", "samples", "seconds"} ({"skipped": True} if already complete),
-    or {"part", "error"} for a user error (an EncoderInputError: bad data/flags, retrying would
-    fail the same way). Any other exception propagates (Ray retries the task). A killed attempt
-    leaves only its `.attempt-*` directory, which holds no manifest at the final place and is
-    never merged.
+    {"part", "error"} for a user error (an EncoderInputError: bad data/flags, retrying would
+    fail the same way), or {"part", "failed"} for a sampled cross-check mismatch (the engine's
+    ids for a row differ from the reference's: deterministic, so the run fails with the row and
+    both id lists instead of being retried). Any other exception propagates (Ray retries the
+    task). A killed attempt leaves only its `.attempt-*` directory, which holds no manifest at
+    the final place and is never merged.
     """
     from encoder.main import run
 
@@ -274,6 +278,9 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
             print(f"part {index}/{layout.num_parts} on {os.uname().nodename} pid {os.getpid()}: "
                   f"{' '.join(argv)}", file=sys.stderr, flush=True)
             result = run(args, progress=progress)
+    except CrossCheckError as e:   # same rows, same ids on every retry: fail the run now
+        shutil.rmtree(attempt, ignore_errors=True)
+        return {"part": index, "failed": f"{type(e).__name__}: {e}"}
     except EncoderInputError as e:
         shutil.rmtree(attempt, ignore_errors=True)
         if transient(e):
@@ -319,6 +326,7 @@ class Progress:
         self.done: dict[int, dict] = {}
         self.failed: dict[int, str] = {}
         self.user_errors: dict[int, str] = {}
+        self.deterministic: set[int] = set()   # failed parts a re-run would fail again
         self.started = self.encode_started = time.time()   # the latter: after joining Ray
         self.last_print = 0.0
 
@@ -326,6 +334,9 @@ class Progress:
         i = result["part"]
         if "error" in result:
             self.user_errors[i] = result["error"]
+        elif "failed" in result:
+            self.failed[i] = result["failed"]
+            self.deterministic.add(i)
         elif not result.get("skipped"):
             self.done[i] = result
 
@@ -520,9 +531,14 @@ def run(argv: Sequence[str]) -> int:
     if progress.user_errors:
         return 2
     if progress.failed:
+        again = sorted(set(progress.failed) - progress.deterministic)
         print(f"[encoder.distributed] {len(progress.failed)} part(s) failed "
-              f"({compact(sorted(progress.failed))}); re-run the same command: complete parts "
-              f"are skipped", file=sys.stderr)
+              f"({compact(sorted(progress.failed))})"
+              + (f"; re-run the same command for {compact(again)}: complete parts are skipped"
+                 if again else "")
+              + (f"; {compact(sorted(progress.deterministic))}: the cross-check failed, which a "
+                 f"re-run repeats (see the message above)" if progress.deterministic else ""),
+              file=sys.stderr)
         return 1
     if not merge:
         return 0

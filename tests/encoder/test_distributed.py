@@ -246,3 +246,38 @@ def test_ray_two_node_cluster_retries_a_killed_part(single, tmp_path, hermetic_t
     finally:
         cluster.stop()
     assert cluster.stopped and not still_alive(cluster.stopped | our_processes([], cluster.root))
+
+
+def test_cross_check_mismatch_fails_the_run_without_retry(dist, write_plugin, tmp_path,
+                                                          monkeypatch):
+    """A sampled cross-check mismatch is deterministic: encode_part returns it (Ray's
+    retry_exceptions never sees an exception to retry), and the run exits 1 naming the part,
+    the row and both id lists; no merged manifest."""
+    from encoder_testlib import shared_tokenizer_path
+    from test_backends import corrupt
+
+    import encoder.backends as backends
+    from encoder.distributed import Layout, encode_part, job_identity, make_layout, parse_command
+
+    tok = shared_tokenizer_path("llama2")   # skips without ../shared
+    monkeypatch.setattr(backends.GigatokenEncoder, "encode", corrupt("INJECTED"))
+    monkeypatch.setattr("encoder.pipeline.BATCH_ROWS", 2)   # row 70 is past the first batch
+    rows = [f"plain document number {i}." for i in range(100)]
+    rows[70] = "this row is INJECTED with a wrong id"
+    flags = ["--tokenizer_path", tok, "--data_loader_path", write_plugin(rows), "--encode_type",
+             "pretrain", "--max_length", "64", "--cross_check_every", "1",
+             "--output_path", str(tmp_path / "d"), "--corpus_name", "c"]
+    code, _, err = dist("--engine", "local", "--num_parts", 2, *flags)
+    assert code == 1, err
+    assert "part 1 failed: CrossCheckError: cross-check failed at row 70" in err
+    assert "gigatoken ids: [" in err and "tokenizers ids: [" in err
+    assert "the cross-check failed, which a re-run repeats" in err
+    assert "re-run the same command for" not in err
+    assert not (tmp_path / "d" / "c" / "manifest.json").exists()
+    # what a Ray task gets: a result, not an exception (so max_retries never re-runs it)
+    ours, enc, encoder_argv = parse_command(["--num_parts", "2", *flags])
+    layout = make_layout(enc, job_identity(enc, 2))
+    assert isinstance(layout, Layout)
+    result = encode_part(encoder_argv, layout, 1)
+    assert result["part"] == 1 and "cross-check failed at row 70" in result["failed"]
+    assert not list(layout.job_dir.glob(".attempt-*"))
