@@ -40,6 +40,8 @@ from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 from shardfmt.writer import SampleBlock  # noqa: E402
 
+IMPORTS_DONE = time.time()
+
 # One packed training window before it is written: its documents as (ids, loss mask) pairs, and
 # whether it continues the previous window's last document (a split pretrain chunk).
 PackedWindow = tuple[list[tuple[np.ndarray, np.ndarray]], bool]
@@ -105,20 +107,33 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
                        chat_template_source=chat_template_source,
                        cross_check_every=args.cross_check_every,
                        parallel=args.num_workers is None or args.num_workers > 1)
+    loading = time.time()
     tok = load_spec_tokenizer(spec)
-    # the tokenizer's identity for the manifest (get_vocab + hash: ~0.3-0.8 s for qwen3) is
-    # computed in the background while the engine is chosen
-    from concurrent.futures import ThreadPoolExecutor
+    startup = {"imports": IMPORTS_DONE - PROCESS_START,
+               "tokenizer load": time.time() - loading}
+    # the tokenizer's identity for the manifest (get_vocab + hash: ~0.3-0.8 s for qwen3, holding
+    # the GIL) is computed in the background once set-up is over (`ready`), while the tokenizer
+    # engine works without the GIL; needed only when the manifest is written
+    from concurrent.futures import Future, ThreadPoolExecutor
     from shardfmt import tokenizer_identity
+    identity: Future = Future()
+
+    def compute_identity() -> None:
+        try:
+            identity.set_result(tokenizer_identity(tok))
+        except BaseException as e:  # noqa: BLE001 -- raised where the manifest needs it
+            identity.set_exception(e)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity") as side:
-        identity = side.submit(tokenizer_identity, tok)
         return _run_loaded(args, started=started, part=part, plugin=plugin, spec=spec, tok=tok,
-                           identity=identity, progress=progress)
+                           identity=identity, progress=progress, startup=startup,
+                           after_setup=lambda: side.submit(compute_identity))
 
 
 def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plugin: Any,
                 spec: EncoderSpec, tok: Any, identity: Any,
-                progress: Callable[[int, int], None] | None) -> dict:
+                progress: Callable[[int, int], None] | None, startup: dict | None = None,
+                after_setup: Callable[[], Any] | None = None) -> dict:
     added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     encoder = DocumentEncoder(spec, tokenizer=tok)
@@ -132,11 +147,16 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
               f"start: imports, tokenizer load, engine choice): {tokenizer_loader_name(tok)} len "
               f"{len(tok)}, dtype {dtype}, template "
               f"{args.template if args.encode_type != 'pretrain' else '-'}", file=sys.stderr)
+        print("start-up parts: " + ", ".join(f"{k} {v:.2f}s" for k, v in startup.items()),
+              file=sys.stderr)
         clock["steady"] = time.time()
+        if after_setup is not None:
+            after_setup()
 
+    startup = startup if startup is not None else {}
     # a generator: nothing is read before the writer has created the (incomplete) dataset dir
     samples = sample_stream(args, plugin=plugin, part=part, spec=spec, encoder=encoder,
-                            stats=stats, on_ready=ready, progress=progress)
+                            stats=stats, on_ready=ready, progress=progress, startup=startup)
     if args.analyze:
         if args.plot:
             print("note: --plot is ignored with --analyze (nothing is written)", file=sys.stderr)
@@ -173,16 +193,26 @@ def tokenizer_loader_name(tok: Any) -> str:
 def sample_stream(args: Any, *, plugin: Any, part: tuple[int, int] | None, spec: EncoderSpec,
                   encoder: DocumentEncoder, stats: RunStats,
                   on_ready: Any = None,
-                  progress: Callable[[int, int], None] | None = None) -> Iterator[PackedWindow]:
+                  progress: Callable[[int, int], None] | None = None,
+                  startup: dict | None = None) -> Iterator[PackedWindow | SampleBlock]:
     """plugin rows -> validated batches (reader thread) -> encoded batches (tokenizer thread/pool,
     in order) -> training samples. The engine is chosen on the first batch (`select_backend`),
-    then `on_ready()` is called; `progress(rows, tokens)` after every batch."""
+    then `on_ready()` is called; `progress(rows, tokens)` after every batch. `startup` (if
+    given) gets the seconds spent reading the first batch, building the engine and calibrating.
+    Yields `Sample`s, or `SampleBlock`s (pretrain)."""
     rows = iter_part(plugin, parse_kv_args(args.data_loader_args), part=part)
     batches = read_ahead(validated_batches(rows, encode_type=args.encode_type,
                                            plugin_path=plugin.path,
                                            skip_invalid=args.skip_invalid, stats=stats))
+    waited = time.time()
     first = next(batches, None)
+    choosing = time.time()
     engine = encoder.select_backend(first[1] if first else [])
+    if startup is not None:   # the start-up line's parts
+        build = getattr(encoder.engine, "build_seconds", 0.0)
+        startup.update({"first batch read": choosing - waited,
+                               f"{engine} build": build,
+                               "calibration": time.time() - choosing - build})
     print(f"tokenizer backend: {engine} ({encoder.backend_reason}); cross-check: "
           f"{encoder.backend_info()['cross_check']}", file=sys.stderr)
     if on_ready is not None:
