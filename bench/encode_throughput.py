@@ -137,10 +137,14 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace) -> dic
     stats = json.loads((out / name / "stats.json").read_text())
     m = re.search(r"\(([\d,]+) tok/s over", res.stdout)
     setup = re.search(r"\(([\d.]+)s since start", res.stderr)
+    parts = re.search(r"start-up parts: (.*)", res.stderr)
+    setup_parts = {k: float(v) for k, v in re.findall(r"([^,]+?) ([\d.]+)s(?:,|$)",
+                                                       parts.group(1))} if parts else {}
     steady_tps = float(m.group(1).replace(",", "")) if m else float("nan")
     return {"wall_s": wall, "tokens": stats["tokens"], "steady_s": stats["tokens"] / steady_tps,
             "backend": stats.get("tokenizer_backend", {}).get("name"), "peak_rss_mb": peak_rss_mb,
             "setup_s": float(setup.group(1)) if setup else float("nan"),
+            "setup_parts": {k.strip(): v for k, v in setup_parts.items()},
             "fill": stats["fill"], "samples": stats["samples"], "rows": stats["rows"]}
 
 
@@ -433,10 +437,14 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
         nan2 = (float("nan"), float("nan"))
         giga, meg = rows.get(BASELINES[1][1], nan2), rows.get(BASELINES[3][1], nan2)
         summary.append((key, giga[0] / best_s, giga[1] / best_w, meg[0] / best_s, meg[1] / best_w))
+        first = next(iter(r["ours"].values()))   # the parts: ours at the first --workers value
         startup_lines.append(f"start-up {key}: ours (interpreter + imports + tokenizer load + "
                              f"engine choice) "
                              + ", ".join(f"--num_workers {w} {med(x['setup_s'] for x in o):.2f}s"
                                          for w, o in r["ours"].items())
+                             + " (" + ", ".join(
+                                 f"{k} {med(x['setup_parts'].get(k, float('nan')) for x in first):.2f}s"
+                                 for k in first[0].get("setup_parts", {})) + ")"
                              + f"; gigatoken load {med(b.get('load_giga_s', float('nan')) for b in base):.2f}s"
                              f", tokenizers load {med(b.get('load_fast_s', float('nan')) for b in base):.2f}s")
         results[key] = {"tokens": tokens, "seconds": {lab: v[:2] for lab, v in rows.items()}}
