@@ -6,8 +6,11 @@ Cases: qa (alpaca en+zh through encoder/user_data_loader/alpaca.py, template non
 and pretrain (c4 + tinyshakespeare paragraphs through text.py), each with llama2 and qwen3;
 `--replicate N` adds N-1 distinct copies of the files (see `distinct_copy`: plain repeats would
 be served from the tokenizer's cache); N=2 (default) is ~1M tokens per case. The large-corpus
-target (pretrain end to end on >= 100 MB) is the same script with `--replicate 24 --cases pretrain
---tokenizers llama2 --baselines gigatoken,megatron --repeats 1`.
+target (pretrain end to end on >= 100 MB) is the same script with `--replicate 54 --cases pretrain
+--baselines gigatoken` (~100 MB of text, 31.5M llama2 tokens), and the peak-RSS target (<= 1.5 GB
+on a 2 GB corpus) `--replicate 1080 --cases pretrain --tokenizers llama2 --workers 1
+--baselines none --repeats 1 --out /tmp/enc2g` (2.0 GB of copies, 640M tokens, 1.3 GB of shards:
+delete the --out directory afterwards).
 
 Every method is reported two ways:
   * wall: what a user waits for, process start to output done: interpreter, imports, tokenizer
@@ -18,7 +21,8 @@ Every method is reported two ways:
   * steady: after set-up. Ours = the encoder's own tok/s (plugin + encode + pack + write, as
     printed in its summary); a baseline's = its run alone.
 Start-up (ours: interpreter + imports + tokenizer load + engine choice, from the encoder's
-set-up line; gigatoken's and tokenizers' load) is printed on its own line per case.
+set-up line, and its parts from the encoder's `start-up parts:` line; gigatoken's and tokenizers'
+load) is printed on its own line per case.
 Methods:
   ours: `python encoder/main.py ...` (default --tokenizer_backend auto: gigatoken when verified),
       shards written, --num_workers 1 and 2 (gigatoken pool threads).
