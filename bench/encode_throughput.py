@@ -119,11 +119,13 @@ def load_rows(case: str, shared: Path, replicate: int, out: Path) -> list:
 
 
 # -- ours -----------------------------------------------------------------------------------------
-def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace) -> dict:
+def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
+             root: Path = ROOT) -> dict:
+    """`python ROOT/encoder/main.py ...` (`root`: this checkout, or --before's)."""
     plugin, path = plugin_args(case, Path(args.shared), args.replicate, Path(args.out))
-    out = Path(args.out) / "ours"
+    out = Path(args.out) / ("ours" if root == ROOT else "before")
     name = f"{case}_{tok}_w{workers}"
-    cmd = [sys.executable, str(ROOT / "encoder" / "main.py"),
+    cmd = [sys.executable, str(root / "encoder" / "main.py"),
            "--tokenizer_path", str(Path(args.shared) / "tokenizers" / tok),
            "--data_loader_path", plugin, "--data_loader_args", f"path={path}",
            "--encode_type", case, "--max_length", str(args.max_length),
@@ -131,7 +133,7 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace) -> dic
            "--num_workers", str(workers)] + (["--merge_data"] if case == "qa" else [])
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd if Path("/usr/bin/time").exists()
-                         else cmd, capture_output=True, text=True, cwd=ROOT)
+                         else cmd, capture_output=True, text=True, cwd=root)
     wall = time.perf_counter() - t0
     rss = re.search(r"MAXRSS_KB (\d+)", res.stderr)
     peak_rss_mb = int(rss.group(1)) / 1024 if rss else float("nan")
@@ -342,6 +344,9 @@ def main() -> None:
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "encode"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--before", help="another checkout's root (e.g. `git archive main encoder "
+                    "shardfmt | tar -x -C /tmp/before`): its encoder runs too, interleaved, as "
+                    "the 'before' rows (before/after a change, both sides in the same run)")
     ap.add_argument("--_baselines", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -365,6 +370,9 @@ def main() -> None:
         for case, tok in combos:
             for w, results in runs[f"{case}/{tok}"]["ours"].items():
                 results.append(run_ours(case, tok, w, args))
+                if args.before:
+                    runs[f"{case}/{tok}"].setdefault("before", {}).setdefault(w, []).append(
+                        run_ours(case, tok, w, args, root=Path(args.before).resolve()))
         if args.baselines == "none":   # ours only (the 2 GB peak-RSS run)
             for key in runs:
                 runs[key]["base"].append({m: None for m, _ in BASELINES})
@@ -419,6 +427,12 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
                 f"set-up {med(x['setup_s'] for x in o):.1f}s, engine {o[0]['backend']}, "
                 f"peak RSS {max(x['peak_rss_mb'] for x in o):,.0f} MB")
+        for w, o in r.get("before", {}).items():
+            rows[f"before ({args.before}) --num_workers {w}"] = (
+                med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
+                f"set-up {med(x['setup_s'] for x in o):.1f}s, peak RSS "
+                f"{max(x['peak_rss_mb'] for x in o):,.0f} MB"
+                + ("" if o[0]["tokens"] == tokens else f", {o[0]['tokens']:,} tokens"))
         base = r["base"]
         for m, label in BASELINES:
             if base[0].get(m) is None:
