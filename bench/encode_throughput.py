@@ -62,8 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared"
 RAW_BATCH = 1024
-GIGA_BATCH = 8192
-GLOB_ABOVE = 200    # --replicate above this passes the copies as globs (the 2 GB peak-RSS run)   # gigatoken's ceiling: big batches keep its thread pool busy
+GIGA_BATCH = 8192   # gigatoken's ceiling: big batches keep its thread pool busy
+GLOB_ABOVE = 200    # --replicate above this passes the copies as globs (the 2 GB peak-RSS run)
 CASES = {
     "qa": ("alpaca.py", ["alpaca_en_demo.json", "alpaca_zh_demo.json"]),
     "pretrain": ("text.py", ["c4_demo.jsonl", "tinyshakespeare.txt"]),
@@ -456,15 +456,16 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
         giga, meg = rows.get(BASELINES[1][1], nan2), rows.get(BASELINES[3][1], nan2)
         summary.append((key, giga[0] / best_s, giga[1] / best_w, meg[0] / best_s, meg[1] / best_w))
         first = next(iter(r["ours"].values()))   # the parts: ours at the first --workers value
+        nan = float("nan")
         startup_lines.append(f"start-up {key}: ours (interpreter + imports + tokenizer load + "
                              f"engine choice) "
                              + ", ".join(f"--num_workers {w} {med(x['setup_s'] for x in o):.2f}s"
                                          for w, o in r["ours"].items())
                              + " (" + ", ".join(
-                                 f"{k} {med(x['setup_parts'].get(k, float('nan')) for x in first):.2f}s"
+                                 f"{k} {med(x['setup_parts'].get(k, nan) for x in first):.2f}s"
                                  for k in first[0].get("setup_parts", {})) + ")"
-                             + f"; gigatoken load {med(b.get('load_giga_s', float('nan')) for b in base):.2f}s"
-                             f", tokenizers load {med(b.get('load_fast_s', float('nan')) for b in base):.2f}s")
+                             + f"; gigatoken load {med(b.get('load_giga_s', nan) for b in base):.2f}s"
+                             f", tokenizers load {med(b.get('load_fast_s', nan) for b in base):.2f}s")
         results[key] = {"tokens": tokens, "seconds": {lab: v[:2] for lab, v in rows.items()}}
     for line in startup_lines:
         print(line)

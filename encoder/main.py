@@ -309,8 +309,8 @@ def pretrain_samples(encoded: Iterable[Encoded_], *, max_length: int, stats: Run
 
 
 # -- writing --------------------------------------------------------------------------------------
-def write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats, dtype: str,
-                  encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
+def write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats,
+                  dtype: str, encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
                   tokenizer_info: Any = None) -> dict:
     """Stream samples into a ShardWriter; tokenizer/, stats.json and lengths.png beside it.
     `tokenizer_info`: the manifest's tokenizer identity, or a future of it (computed while the
@@ -325,8 +325,8 @@ def write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, s
         raise output_error(e, args) from e
 
 
-def _write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats, dtype: str,
-                   encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
+def _write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, stats: RunStats,
+                   dtype: str, encoder: DocumentEncoder, added: dict, part: tuple[int, int] | None,
                    tokenizer_info: Any) -> dict:
     from shardfmt import ShardWriter, tokenizer_identity
 

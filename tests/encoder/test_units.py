@@ -128,7 +128,8 @@ def test_chunker_push_block_equals_push_batch(seed):
     continuation flags of push_batch, across batches, including exact multiples of max_length."""
     rng = np.random.default_rng(seed)
     max_length = int(rng.integers(3, 40))
-    by_batch, by_block = PretrainChunker(max_length=max_length), PretrainChunker(max_length=max_length)
+    by_batch = PretrainChunker(max_length=max_length)
+    by_block = PretrainChunker(max_length=max_length)
     for _ in range(12):
         lens = rng.integers(1, 3 * max_length, size=int(rng.integers(1, 30)))
         if rng.random() < 0.3:   # documents that end exactly on sample boundaries
