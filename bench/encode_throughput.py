@@ -21,8 +21,8 @@ Every method is reported two ways:
   * steady: after set-up. Ours = the encoder's own tok/s (plugin + encode + pack + write, as
     printed in its summary); a baseline's = its run alone.
 Start-up (ours: interpreter + imports + tokenizer load + engine choice, from the encoder's
-set-up line, and its parts from the encoder's `start-up parts:` line; gigatoken's and tokenizers'
-load) is printed on its own line per case.
+set-up line, with its parts: imports, tokenizer load, first batch read, engine build,
+calibration; gigatoken's and tokenizers' load) is printed on its own line per case.
 Methods:
   ours: `python encoder/main.py ...` (default --tokenizer_backend auto: gigatoken when verified),
       shards written, --num_workers 1 and 2 (gigatoken pool threads).
@@ -143,7 +143,7 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
     stats = json.loads((out / name / "stats.json").read_text())
     m = re.search(r"\(([\d,]+) tok/s over", res.stdout)
     setup = re.search(r"\(([\d.]+)s since start", res.stderr)
-    parts = re.search(r"start-up parts: (.*)", res.stderr)
+    parts = re.search(r"s since start: (.*?)\): ", res.stderr)
     setup_parts = {k: float(v) for k, v in re.findall(r"([^,]+?) ([\d.]+)s(?:,|$)",
                                                        parts.group(1))} if parts else {}
     steady_tps = float(m.group(1).replace(",", "")) if m else float("nan")

@@ -143,11 +143,11 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
     clock = {"steady": time.time()}
 
     def ready() -> None:   # the engine is chosen (first batch read): set-up ends here
+        parts = ", ".join(f"{k} {v:.2f}s" for k, v in startup.items()) \
+            or "imports, tokenizer load, engine choice"
         print(f"setup {time.time() - started:.1f}s ({time.time() - PROCESS_START:.2f}s since "
-              f"start: imports, tokenizer load, engine choice): {tokenizer_loader_name(tok)} len "
-              f"{len(tok)}, dtype {dtype}, template "
-              f"{args.template if args.encode_type != 'pretrain' else '-'}", file=sys.stderr)
-        print("start-up parts: " + ", ".join(f"{k} {v:.2f}s" for k, v in startup.items()),
+              f"start: {parts}): {tokenizer_loader_name(tok)} len {len(tok)}, dtype {dtype}, "
+              f"template {args.template if args.encode_type != 'pretrain' else '-'}",
               file=sys.stderr)
         clock["steady"] = time.time()
         if after_setup is not None:

@@ -148,8 +148,8 @@ def test_auto_takes_gigatoken_and_says_why(run_cli, write_plugin, tmp_path, cach
     assert "tokenizer backend gigatoken (ids equal to tokenizers" in out   # the summary line
     manifest = json.loads((tmp_path / "o" / "c" / "manifest.json").read_text())
     assert manifest["metadata"]["encoder"]["tokenizer_backend"]["name"] == "gigatoken"
-    # start-up parts on their own line; the identity (computed after set-up) is in the manifest
-    parts = next(line for line in err.splitlines() if line.startswith("start-up parts: "))
+    # start-up parts on the set-up line; the identity (computed after set-up) is in the manifest
+    parts = next(line for line in err.splitlines() if line.startswith("setup "))
     for part in ("imports", "tokenizer load", "first batch read", "gigatoken build",
                  "calibration"):
         assert f"{part} " in parts, parts
