@@ -111,29 +111,22 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
     tok = load_spec_tokenizer(spec)
     startup = {"imports": IMPORTS_DONE - PROCESS_START,
                "tokenizer load": time.time() - loading}
-    # the tokenizer's identity for the manifest (get_vocab + hash: ~0.3-0.8 s for qwen3, holding
-    # the GIL) is computed in the background once set-up is over (`ready`), while the tokenizer
-    # engine works without the GIL; needed only when the manifest is written
-    from concurrent.futures import Future, ThreadPoolExecutor
+    # the tokenizer's identity for the manifest (get_vocab + hash: ~0.3-0.8 s for qwen3) is
+    # computed in the background while the engine is chosen. (Started after set-up instead, it
+    # took ~0.3-0.5 s from the steady phase of a 1M-token qwen3 run and gave no wall time back:
+    # it holds the GIL either way.)
+    from concurrent.futures import ThreadPoolExecutor
     from shardfmt import tokenizer_identity
-    identity: Future = Future()
-
-    def compute_identity() -> None:
-        try:
-            identity.set_result(tokenizer_identity(tok))
-        except BaseException as e:  # noqa: BLE001 -- raised where the manifest needs it
-            identity.set_exception(e)
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity") as side:
+        identity = side.submit(tokenizer_identity, tok)
         return _run_loaded(args, started=started, part=part, plugin=plugin, spec=spec, tok=tok,
-                           identity=identity, progress=progress, startup=startup,
-                           after_setup=lambda: side.submit(compute_identity))
+                           identity=identity, progress=progress, startup=startup)
 
 
 def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plugin: Any,
                 spec: EncoderSpec, tok: Any, identity: Any,
-                progress: Callable[[int, int], None] | None, startup: dict | None = None,
-                after_setup: Callable[[], Any] | None = None) -> dict:
+                progress: Callable[[int, int], None] | None,
+                startup: dict | None = None) -> dict:
     added = {t: int(tok.convert_tokens_to_ids(t)) for t in args.add_tokens}
     dtype = choose_dtype(args.save_dtype, vocab_size=len(tok), num_added=len(added))
     encoder = DocumentEncoder(spec, tokenizer=tok)
@@ -150,8 +143,6 @@ def _run_loaded(args: Any, *, started: float, part: tuple[int, int] | None, plug
               f"template {args.template if args.encode_type != 'pretrain' else '-'}",
               file=sys.stderr)
         clock["steady"] = time.time()
-        if after_setup is not None:
-            after_setup()
 
     startup = startup if startup is not None else {}
     # a generator: nothing is read before the writer has created the (incomplete) dataset dir
