@@ -10,12 +10,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-source run_scripts/env.sh
-quick=0
-if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
-out="${1:-out/extend_vocab}"
-shared="${SHARED:-$root/../shared}"
-py="${PYTHON:-$root/.venv/bin/python}"
+default_out=out/extend_vocab
+source run_scripts/recipe_args.sh "$@"
 if [ "$quick" = 1 ]; then
     vocab=3000; pt_steps=10; sft_steps=10; max_len=128; sft_len=768; batch=2; lr=1e-2
 else

@@ -7,12 +7,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-source run_scripts/env.sh
-quick=0
-if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
-out="${1:-out/pretrain_from_scratch}"
-shared="${SHARED:-$root/../shared}"
-py="${PYTHON:-$root/.venv/bin/python}"
+default_out=out/pretrain_from_scratch
+source run_scripts/recipe_args.sh "$@"
 if [ "$quick" = 1 ]; then
     vocab=2000; steps=4; max_len=128; batch=2
 else
