@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trainer_testlib import (COMMON, REPO, STEPS, base_args, check_ok, losses, only_run_dir,
-                             run_env, train_cmd)
+from trainer_testlib import (COMMON, STEPS, base_args, check_ok, losses, only_run_dir, run_env,
+                             run_together)
 
 pytestmark = pytest.mark.slow
 
@@ -31,32 +30,12 @@ LF_Z3_OFFLOAD = DS_CONFIGS / "llamafactory_ds_z3_offload_config.json"
 NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate", "Writing model shards")
 
 
-def run_together(jobs: list[tuple[str, int, list[str]]], timeout: int = 600):
-    """Start every (launcher, nproc, args) at once; wait for all; CompletedProcess each."""
+def run_checked(jobs: list[tuple[str, int, list[str]]]) -> list[subprocess.CompletedProcess]:
+    """run_together with the trackers offline (no network here); every run must succeed."""
     env = run_env()
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})  # no network here
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     env.pop("MLFLOW_TRACKING_URI", None)
-    started = []
-    for launcher, nproc, args in jobs:
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        started.append((subprocess.Popen(train_cmd(launcher, nproc) + args, cwd=REPO, env=env,
-                                         stdout=out, stderr=err, text=True), out, err))
-    results = []
-    try:
-        for proc, out, err in started:
-            proc.wait(timeout=timeout)
-            out.seek(0)
-            err.seek(0)
-            results.append(check_ok(subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                                out.read(), err.read())))
-    finally:
-        for proc, out, err in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
-            err.close()
-    return results
+    return [check_ok(proc) for proc in run_together(jobs, env=env, timeout=600)]
 
 
 def step_dir(out: Path, step: int = STEPS) -> Path:
@@ -74,7 +53,7 @@ def runs(assets, tmp_path_factory) -> dict:
         "deepspeed_config_path: zero3_offload\nmicro_batch_size: 1\n"
         "gradient_accumulation_steps: 4\nreport_to: [tensorboard, wandb, mlflow]\n"
         "save_name: z3_offload_yaml\n")
-    first = run_together([
+    first = run_checked([
         ("python", 1, base_args(assets, root / "hf_1x4", "--deepspeed_config_path", str(HF_ZERO2),
                                 "--micro_batch_size", "1", "--gradient_accumulation_steps", "4", *save)),
         ("deepspeed", 2, base_args(assets, root / "hf_2x2", "--deepspeed_config_path", str(HF_ZERO2),
@@ -86,7 +65,7 @@ def runs(assets, tmp_path_factory) -> dict:
         ("python", 1, base_args(assets, root / "z3plain_1x4", "--deepspeed_config_path", "zero3",
                                 "--micro_batch_size", "1", "--gradient_accumulation_steps", "4", *save)),
     ])
-    second = run_together([
+    second = run_checked([
         ("python", 1, base_args(assets, root / "hf_resumed", "--deepspeed_config_path", str(HF_ZERO2),
                                 "--micro_batch_size", "1", "--gradient_accumulation_steps", "4",
                                 "--load_ckpt_path", str(step_dir(root / "hf_1x4", 4)))),

@@ -152,21 +152,31 @@ def run_trains(arg_lists: list[list[str]], *,
     A short run of a tiny model is almost all interpreter start-up and imports (~15 s of one
     core); two such runs side by side on the 2 cores cost about the time of one. Results do not
     depend on it: every run is deterministic on CPU with OMP_NUM_THREADS=1."""
-    jobs = []
-    for args in arg_lists:
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        jobs.append((subprocess.Popen(train_cmd() + args, cwd=REPO, env=run_env(), stdout=out,
-                                      stderr=err, text=True), out, err))
-    results = []
+    return run_together([("python", 1, args) for args in arg_lists], timeout=timeout)
+
+
+def run_together(jobs: list[tuple[str, int, list[str]]], *, env: dict | None = None,
+                 timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Start every (launcher, nproc, args) of `jobs` at once (see train_cmd), wait for all, and
+    return a CompletedProcess each, in order (not checked: see check_ok). `env`: run_env() if
+    None. A run still going after `timeout` s, or when waiting fails, is killed."""
+    env = run_env() if env is None else env
+    started = []
     try:
-        for proc, out, err in jobs:
+        for launcher, nproc, args in jobs:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            started.append((subprocess.Popen(train_cmd(launcher, nproc) + args, cwd=REPO,
+                                             env=env, stdout=out, stderr=err, text=True),
+                            out, err))
+        results = []
+        for proc, out, err in started:
             proc.wait(timeout=timeout)
             out.seek(0)
             err.seek(0)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
                                                        err.read()))
     finally:
-        for proc, out, err in jobs:
+        for proc, out, err in started:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
