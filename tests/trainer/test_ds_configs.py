@@ -7,20 +7,20 @@ keeps the loss equalities (1 process x accumulation 4 == 2 ranks x accumulation 
 
 The 1-process ZeRO-3 run is configured from a --config YAML file and reports to TensorBoard, wandb
 (offline) and MLflow (local store) at once, with a capped eval: it also checks those end to end.
-All runs of a phase start together (~2 cores: the start-up of one overlaps the other's steps).
+The runs start together (~2 cores: the start-up of one overlaps the other's steps); each resume
+starts as soon as the run it resumes has finished.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trainer_testlib import (COMMON, STEPS, base_args, check_ok, losses, only_run_dir, run_env,
-                             run_together)
+from trainer_testlib import (COMMON, STEPS, base_args, losses, only_run_dir, run_chains,
+                             run_env)
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,11 @@ LF_Z3_OFFLOAD = DS_CONFIGS / "llamafactory_ds_z3_offload_config.json"
 NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate", "Writing model shards")
 
 
-def run_checked(jobs: list[tuple[str, int, list[str]]]) -> list[subprocess.CompletedProcess]:
-    """run_together with the trackers offline (no network here); every run must succeed."""
+def tracker_env() -> dict:
     env = run_env()
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})  # no network here
     env.pop("MLFLOW_TRACKING_URI", None)
-    return [check_ok(proc) for proc in run_together(jobs, env=env, timeout=600)]
+    return env
 
 
 def step_dir(out: Path, step: int = STEPS) -> Path:
@@ -53,33 +52,34 @@ def runs(assets, tmp_path_factory) -> dict:
         "deepspeed_config_path: zero3_offload\nmicro_batch_size: 1\n"
         "gradient_accumulation_steps: 4\nreport_to: [tensorboard, wandb, mlflow]\n"
         "save_name: z3_offload_yaml\n")
-    first = run_checked([
-        ("python", 1, base_args(assets, root / "hf_1x4", "--deepspeed_config_path", str(HF_ZERO2),
-                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4", *save)),
-        ("deepspeed", 2, base_args(assets, root / "hf_2x2", "--deepspeed_config_path", str(HF_ZERO2),
-                                   "--micro_batch_size", "1", "--gradient_accumulation_steps", "2")),
-        ("python", 1, ["--config", str(run_yaml), "--output_path", str(root / "z3_1x4"), *COMMON]),
-        ("deepspeed", 2, base_args(assets, root / "lf_2x2", "--deepspeed_config_path",
-                                   str(LF_Z3_OFFLOAD), "--micro_batch_size", "1",
-                                   "--gradient_accumulation_steps", "2", *save)),
-        ("python", 1, base_args(assets, root / "z3plain_1x4", "--deepspeed_config_path", "zero3",
-                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4", *save)),
-    ])
-    second = run_checked([
-        ("python", 1, base_args(assets, root / "hf_resumed", "--deepspeed_config_path", str(HF_ZERO2),
-                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4",
-                                "--load_ckpt_path", str(step_dir(root / "hf_1x4", 4)))),
-        ("torchrun", 2, base_args(assets, root / "lf_resumed", "--deepspeed_config_path",
-                                  str(LF_Z3_OFFLOAD), "--micro_batch_size", "1",
-                                  "--gradient_accumulation_steps", "2", "--load_ckpt_path",
-                                  str(step_dir(root / "lf_2x2", 4)))),
-        ("python", 1, base_args(assets, root / "z3plain_resumed", "--deepspeed_config_path", "zero3",
-                                "--micro_batch_size", "1", "--gradient_accumulation_steps", "4",
-                                "--load_ckpt_path", str(step_dir(root / "z3plain_1x4", 4)))),
-    ])
-    names = ["hf_1x4", "hf_2x2", "z3_1x4", "lf_2x2", "z3plain_1x4", "hf_resumed", "lf_resumed",
-             "z3plain_resumed"]
-    return {"root": root, **{n: (root / n, p) for n, p in zip(names, first + second)}}
+
+    def resume_of(name: str) -> list[str]:
+        return ["--load_ckpt_path", str(step_dir(root / name, 4))]
+
+    hf = ["--deepspeed_config_path", str(HF_ZERO2), "--micro_batch_size", "1"]
+    lf = ["--deepspeed_config_path", str(LF_Z3_OFFLOAD), "--micro_batch_size", "1",
+          "--gradient_accumulation_steps", "2"]
+    z3plain = ["--deepspeed_config_path", "zero3", "--micro_batch_size", "1",
+               "--gradient_accumulation_steps", "4"]
+    procs = run_chains([
+        [("hf_1x4", "python", 1, lambda: base_args(assets, root / "hf_1x4", *hf,
+                                                   "--gradient_accumulation_steps", "4", *save)),
+         ("hf_resumed", "python", 1, lambda: base_args(assets, root / "hf_resumed", *hf,
+                                                       "--gradient_accumulation_steps", "4",
+                                                       *resume_of("hf_1x4")))],
+        [("hf_2x2", "deepspeed", 2, lambda: base_args(assets, root / "hf_2x2", *hf,
+                                                      "--gradient_accumulation_steps", "2"))],
+        [("z3_1x4", "python", 1, lambda: ["--config", str(run_yaml), "--output_path",
+                                          str(root / "z3_1x4"), *COMMON])],
+        [("lf_2x2", "deepspeed", 2, lambda: base_args(assets, root / "lf_2x2", *lf, *save)),
+         ("lf_resumed", "torchrun", 2, lambda: base_args(assets, root / "lf_resumed", *lf,
+                                                         *resume_of("lf_2x2")))],
+        [("z3plain_1x4", "python", 1, lambda: base_args(assets, root / "z3plain_1x4", *z3plain,
+                                                        *save)),
+         ("z3plain_resumed", "python", 1, lambda: base_args(assets, root / "z3plain_resumed",
+                                                            *z3plain, *resume_of("z3plain_1x4")))],
+    ], env=tracker_env(), timeout=600)
+    return {"root": root, **{name: (root / name, proc) for name, proc in procs.items()}}
 
 
 def assert_close(a: list[float], b: list[float], tol: float) -> None:

@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -183,6 +185,22 @@ def run_together(jobs: list[tuple[str, int, list[str]]], *, env: dict | None = N
             out.close()
             err.close()
     return results
+
+
+def run_chains(chains: list[list[tuple[str, str, int, Callable[[], list[str]]]]], *,
+               env: dict | None = None, timeout: int = 300) -> dict:
+    """Run the chains side by side, the (name, launcher, nproc, args()) of each one after another
+    (a resume starts as soon as the run it resumes has saved, not after every other run; args()
+    is called then, so it can name that run's checkpoint). Every run must succeed (check_ok):
+    {name: CompletedProcess}."""
+    def run_chain(chain):
+        return {name: check_ok(run_together([(launcher, nproc, args())], env=env,
+                                            timeout=timeout)[0])
+                for name, launcher, nproc, args in chain}
+
+    with ThreadPoolExecutor(len(chains)) as pool:
+        futures = [pool.submit(run_chain, chain) for chain in chains]
+        return {name: proc for future in futures for name, proc in future.result().items()}
 
 
 def only_run_dir(output: Path) -> Path:
