@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_testlib import (COMMON, counting_doc, only_run_dir, run_train, run_trains,
-                             check_ok)
+from trainer_testlib import COMMON, counting_doc, only_run_dir, run_chains, run_train
 
 STEPS4 = ["--max_steps", "4"]
 
@@ -54,19 +53,33 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
+TWO_RANKS_TEST = "test_weighted_mix_on_two_ranks_matches_one"
+
+
 @pytest.fixture(scope="module")
-def mix_runs(assets, megatron_prefixes, tmp_path_factory) -> dict:
+def mix_runs(request, assets, megatron_prefixes, tmp_path_factory) -> dict:
     """The weighted run (1 process, accumulation 2: global batch 4), saved at step 2 with the
-    optimizer; and its resume from step 2. Run side by side where possible."""
+    optimizer, then its resume from step 2; beside them, when the (slow) test that checks it is
+    selected, the same run on 2 ranks (the 2 cores: the start-up of one overlaps the other)."""
     first = tmp_path_factory.mktemp("mix")
-    check_ok(run_trains([_mix_args(assets, megatron_prefixes, first, "--gradient_accumulation_steps",
-                                   "2", "--save_steps", "2", "--save_optimizer")])[0])
-    run = only_run_dir(first)
     resumed_out = tmp_path_factory.mktemp("mix_resumed")
-    run_train(_mix_args(assets, megatron_prefixes, resumed_out, "--gradient_accumulation_steps",
-                        "2", "--save_steps", "2", "--save_optimizer", "--load_ckpt_path",
-                        str(run / "checkpoints" / "step_2"), eval_weights=("1", "3")))
-    return {"run": run, "resumed": only_run_dir(resumed_out)}
+    chains = [[
+        ("run", "python", 1, lambda: _mix_args(
+            assets, megatron_prefixes, first, "--gradient_accumulation_steps", "2",
+            "--save_steps", "2", "--save_optimizer")),
+        ("resumed", "python", 1, lambda: _mix_args(
+            assets, megatron_prefixes, resumed_out, "--gradient_accumulation_steps", "2",
+            "--save_steps", "2", "--save_optimizer", "--load_ckpt_path",
+            str(only_run_dir(first) / "checkpoints" / "step_2"), eval_weights=("1", "3"))),
+    ]]
+    two_ranks_out = None
+    if any(item.originalname == TWO_RANKS_TEST for item in request.session.items):
+        two_ranks_out = tmp_path_factory.mktemp("mix_two_ranks")
+        chains.append([("two_ranks", "torchrun", 2,
+                        lambda: _mix_args(assets, megatron_prefixes, two_ranks_out))])
+    run_chains(chains)
+    return {"run": only_run_dir(first), "resumed": only_run_dir(resumed_out),
+            "two_ranks": only_run_dir(two_ranks_out) if two_ranks_out else None}
 
 
 def test_weighted_mix_logs_each_source(mix_runs, assets, megatron_prefixes):
@@ -116,11 +129,10 @@ def test_weighted_mix_resumes_exactly(mix_runs):
 
 
 @pytest.mark.slow
-def test_weighted_mix_on_two_ranks_matches_one(mix_runs, assets, megatron_prefixes, tmp_path):
+def test_weighted_mix_on_two_ranks_matches_one(mix_runs):
     """Same global batch (2 ranks x 2 samples vs 1 rank x 2 x accumulation 2): same stream, same
-    losses -- the mix does not depend on the number of ranks."""
-    run_train(_mix_args(assets, megatron_prefixes, tmp_path), launcher="torchrun", nproc=2)
-    two = json.loads((only_run_dir(tmp_path) / "checkpoints" / "step_4" / "trainer_state.json")
+    losses -- the mix does not depend on the number of ranks. (The run is mix_runs'.)"""
+    two = json.loads((mix_runs["two_ranks"] / "checkpoints" / "step_4" / "trainer_state.json")
                      .read_text())
     one = json.loads((mix_runs["run"] / "checkpoints" / "step_4" / "trainer_state.json")
                      .read_text())
