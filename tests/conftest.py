@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,33 +24,47 @@ def shared_dir() -> Path:
 
 
 # ------------------------------------------------------------------ parallel runs (pytest-xdist)
-# run_scripts/test.sh runs the suite on 2 workers: `-n 2 --dist loadgroup --no-loadscope-reorder`.
-# Units of work are xdist groups: a whole test module each, so a module-scoped fixture (the
-# end-to-end runs of test_ds_configs.py, test_mixing_e2e.py, ...) is built once, by one worker.
-# Modules that share an expensive session-scoped fixture are one group (the fixture is then built
-# once, not once per worker). Groups are handed out in the order of the items; the heaviest (most
-# slow tests) go first, so that the last unit a worker picks up is a short one.
-SHARED_SESSION_FIXTURES = ("zero2_run",)  # tests/trainer/conftest.py: one 2-rank DeepSpeed run
+# run_scripts/test.sh runs the suite on 2 workers: `-n 2 --dist loadfile --no-loadscope-reorder`.
+# A unit of work is a whole test module, so its module-scoped fixtures (the end-to-end runs of
+# test_ds_configs.py, test_mixing_e2e.py, ...) are built once, by one worker; and the modules that
+# share the session's 2-rank ZeRO-2 run (tests/trainer/conftest.py's zero2_run) are one unit, so
+# that run is made once, not once per worker. Units are handed out in the order of the items: the
+# heaviest (most slow tests) first, so the last unit a worker picks up is a short one.
+# (xdist's own loadgroup cannot be used: it renames items in a way pytest >= 9 ignores.)
+SHARED_RUN = "zero2_run"
+SHARED_RUN_MODULES = ("tests/trainer/test_e2e.py", "tests/trainer/test_export_generate.py",
+                      "tests/trainer/test_ds_configs.py")
+
+
+def work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return SHARED_RUN if module in SHARED_RUN_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own scheduler for the other modes
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    group_of = {}  # module nodeid -> group name
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        shared = next((f for f in SHARED_SESSION_FIXTURES if f in item.fixturenames), None)
-        if shared:
-            group_of[module] = shared
-        else:
-            group_of.setdefault(module, module)
+        if SHARED_RUN in item.fixturenames and work_unit(item.nodeid) != SHARED_RUN:
+            warnings.warn(f"{item.nodeid} uses {SHARED_RUN}: add its module to SHARED_RUN_MODULES "
+                          "in tests/conftest.py, or 2 xdist workers may each make the run")
     slow_tests: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
     for item in items:
-        group = group_of[item.nodeid.split("::", 1)[0]]
-        slow_tests[group] = slow_tests.get(group, 0) + (item.get_closest_marker("slow") is not None)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    first_seen = {}
-    for item in items:
-        first_seen.setdefault(group_of[item.nodeid.split("::", 1)[0]], len(first_seen))
-    # stable: within a group (and among groups of equal weight) the collection order stands
-    items.sort(key=lambda item: (-slow_tests[group_of[item.nodeid.split("::", 1)[0]]],
-                                 first_seen[group_of[item.nodeid.split("::", 1)[0]]]))
+        unit = work_unit(item.nodeid)
+        slow_tests[unit] = slow_tests.get(unit, 0) + (item.get_closest_marker("slow") is not None)
+        first_seen.setdefault(unit, len(first_seen))
+    # stable: within a unit (and among units of equal weight) the collection order stands
+    items.sort(key=lambda item: (-slow_tests[work_unit(item.nodeid)],
+                                 first_seen[work_unit(item.nodeid)]))
