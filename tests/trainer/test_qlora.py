@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trainer_testlib import (REPO, base_args, build_model, build_tokenizer, losses, only_run_dir,
-                             run_env, run_train, write_dataset)
+                             run_chains, run_env, run_train, write_dataset)
 
 pytest.importorskip("bitsandbytes")
 
@@ -129,10 +129,13 @@ def test_qlora_zero2_two_ranks_equals_one_process(qassets, tmp_path):
     common = ["--use_lora", "--lora_config_path", str(lora), "--quantization", "4bit",
               "--learning_rate", "1e-2",
               "--num_workers", "0", "--max_steps", "3", "--zero_stage", "2"]
-    run_train(base_args(qassets, tmp_path / "dp", "--micro_batch_size", "1", *common),
-              launcher="torchrun", nproc=2, timeout=900)
-    run_train(base_args(qassets, tmp_path / "one", "--micro_batch_size", "1",
-                        "--gradient_accumulation_steps", "2", *common), timeout=600)
+    run_chains([  # side by side: the start-up of one overlaps the other's steps
+        [("dp", "torchrun", 2, lambda: base_args(qassets, tmp_path / "dp", "--micro_batch_size",
+                                                 "1", *common))],
+        [("one", "python", 1, lambda: base_args(qassets, tmp_path / "one", "--micro_batch_size",
+                                                "1", "--gradient_accumulation_steps", "2",
+                                                *common))],
+    ], timeout=900)
     dp = losses(only_run_dir(tmp_path / "dp") / "checkpoints" / "step_3")
     one = losses(only_run_dir(tmp_path / "one") / "checkpoints" / "step_3")
     assert max(abs(x - y) for x, y in zip(dp, one)) <= 1e-5, (dp, one)
