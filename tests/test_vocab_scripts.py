@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,47 @@ pytestmark = [pytest.mark.slow,
                                  reason="../shared (real tokenizers and data) is absent")]
 
 
-def _run(script: str, out: Path) -> str:
+SCRIPTS = ("extend_vocab.sh", "pretrain_from_scratch.sh")
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> dict[str, str]:
+    """Both recipes, started together: each is a chain of single-process programs (mostly
+    interpreter start-up and imports, one core each), so side by side on the 2 cores they take
+    about the time of the longer one. Each log is its stdout + stderr; a failure names the script."""
     env = {**os.environ, "PYTHON": sys.executable, "SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", f"run_scripts/{script}", "--quick", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    root = tmp_path_factory.mktemp("recipes")
+    started = {}
+    try:
+        for script in SCRIPTS:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            started[script] = (subprocess.Popen(["bash", f"run_scripts/{script}", "--quick",
+                                                 str(root / script)], cwd=REPO, env=env,
+                                                stdout=out, stderr=err, text=True), out, err)
+        results = {}
+        for script, (proc, out, err) in started.items():
+            proc.wait(timeout=900)
+            out.seek(0)
+            err.seek(0)
+            results[script] = (proc.returncode, out.read(), err.read())
+    finally:
+        for proc, out, err in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+            err.close()
+    return results
 
 
-def test_extend_vocab_quick(tmp_path):
-    log = _run("extend_vocab.sh", tmp_path / "ev")
+def _log(logs: dict, script: str) -> str:
+    returncode, stdout, stderr = logs[script]
+    assert returncode == 0, f"{script}: exit {returncode}\n" + stdout[-3000:] + stderr[-5000:]
+    return stdout + stderr
+
+
+def test_extend_vocab_quick(logs):
+    log = _log(logs, "extend_vocab.sh")
     assert "verified: all 32000 base tokens keep their ids" in log
     assert "resizing input and output embeddings: 32000 ->" in log
     assert "trainable_token_indices on embed_tokens and lm_head" in log
@@ -34,8 +66,8 @@ def test_extend_vocab_quick(tmp_path):
     assert answer.strip() and "extend_vocab: done in" in answer
 
 
-def test_pretrain_from_scratch_quick(tmp_path):
-    log = _run("pretrain_from_scratch.sh", tmp_path / "pfs")
+def test_pretrain_from_scratch_quick(logs):
+    log = _log(logs, "pretrain_from_scratch.sh")
     assert "trained byte-level BPE, 2000 tokens" in log and "tokens/char" in log
     assert "continuing the prompts as plain text" in log
     assert "### First Citizen:" in log and "pretrain_from_scratch: done in" in log
