@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from side_by_side import run_side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -28,27 +28,10 @@ def logs(tmp_path_factory) -> dict[str, str]:
     about the time of the longer one. Each log is its stdout + stderr; a failure names the script."""
     env = {**os.environ, "PYTHON": sys.executable, "SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
     root = tmp_path_factory.mktemp("recipes")
-    started = {}
-    try:
-        for script in SCRIPTS:
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            started[script] = (subprocess.Popen(["bash", f"run_scripts/{script}", "--quick",
-                                                 str(root / script)], cwd=REPO, env=env,
-                                                stdout=out, stderr=err, text=True), out, err)
-        results = {}
-        for script, (proc, out, err) in started.items():
-            proc.wait(timeout=900)
-            out.seek(0)
-            err.seek(0)
-            results[script] = (proc.returncode, out.read(), err.read())
-    finally:
-        for proc, out, err in started.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
-            err.close()
-    return results
+    procs = run_side_by_side([["bash", f"run_scripts/{script}", "--quick", str(root / script)]
+                              for script in SCRIPTS], cwd=REPO, env=env, timeout=900)
+    return {script: (proc.returncode, proc.stdout, proc.stderr)
+            for script, proc in zip(SCRIPTS, procs)}
 
 
 def _log(logs: dict, script: str) -> str:

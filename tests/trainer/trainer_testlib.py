@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -161,30 +160,11 @@ def run_together(jobs: list[tuple[str, int, list[str]]], *, env: dict | None = N
                  timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Start every (launcher, nproc, args) of `jobs` at once (see train_cmd), wait for all, and
     return a CompletedProcess each, in order (not checked: see check_ok). `env`: run_env() if
-    None. A run still going after `timeout` s, or when waiting fails, is killed."""
-    env = run_env() if env is None else env
-    started = []
-    try:
-        for launcher, nproc, args in jobs:
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            started.append((subprocess.Popen(train_cmd(launcher, nproc) + args, cwd=REPO,
-                                             env=env, stdout=out, stderr=err, text=True),
-                            out, err))
-        results = []
-        for proc, out, err in started:
-            proc.wait(timeout=timeout)
-            out.seek(0)
-            err.seek(0)
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
-                                                       err.read()))
-    finally:
-        for proc, out, err in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
-            err.close()
-    return results
+    None. A run still going after `timeout` s is killed."""
+    from side_by_side import run_side_by_side  # tests/side_by_side.py (tests/ is on sys.path
+    # under pytest; imported here so that bench/gpu/gpu_check.py can use this module without it)
+    return run_side_by_side([train_cmd(launcher, nproc) + args for launcher, nproc, args in jobs],
+                            cwd=REPO, env=run_env() if env is None else env, timeout=timeout)
 
 
 def run_chains(chains: list[list[tuple[str, str, int, Callable[[], list[str]]]]], *,
