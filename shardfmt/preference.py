@@ -75,8 +75,19 @@ def read_pairs(dataset, i: int) -> list[Pair]:
 
 
 def pair_counts(dataset) -> np.ndarray:
-    """Number of pairs in every sample (from the index only)."""
-    counts = []
-    for shard in dataset.shards():
-        counts.append(np.diff(shard.open()["sample_doc_offsets"]) // 2)
+    """Number of pairs in every sample (from the index only); a concatenation (a --data_path
+    mix) is read part by part."""
+    counts = [np.diff(shard.open()["sample_doc_offsets"]) // 2 for shard in _shards(dataset)]
     return np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, np.int64)
+
+
+def sequence_lengths(dataset) -> np.ndarray:
+    """The length of every sequence (chosen and rejected alike) of a pair dataset, from the index."""
+    lens = [shard.open()["doc_lens"] for shard in _shards(dataset)]
+    return np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, np.int64)
+
+
+def _shards(dataset) -> list:
+    if hasattr(dataset, "parts"):  # shardfmt.ConcatDataset
+        return [shard for part in dataset.parts for shard in _shards(part)]
+    return list(dataset.shards())

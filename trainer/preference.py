@@ -11,13 +11,17 @@ losses and rewards with TRL's own code):
   simpo  a = s/n;  z = a_c - a_r - gamma/beta
          loss = -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)    reward = beta a
   orpo   a = s/n;  log_odds = (a_c - a_r) - (log(1-e^a_c) - log(1-e^a_r))
-         loss = -a_c - alpha logsigmoid(log_odds)   (NLL of the chosen response + odds ratio)
-                                                                         reward = alpha a
+         loss = NLL_c * P/T - alpha logsigmoid(log_odds)                 reward = alpha a
+         NLL_c: minus the log-prob of EVERY token of the chosen sequence but its first (prompt and
+         response, as TRL's ORPOTrainer: "computed over the full prompt and response"); T: the
+         number of those tokens over all chosen sequences of the global batch; P: its pairs. So
+         the mean over the pairs is TRL's loss on the global batch taken as one batch:
+         sum(NLL_c)/T (token mean, nn.CrossEntropyLoss) - alpha * mean(logsigmoid(log_odds)).
   + sft_weight * (-a_c)   (--sft_weight: NLL of the chosen response, per token, for any objective)
 
 Global normalisation, as for SFT: the loss of an optimizer step is the sum of the per-pair losses
 of the whole global batch (all micro-steps and ranks) divided by the global number of pairs, which
-is all-reduced before the first backward. So accumulation, data parallelism and packing (several
+is all-reduced before the first backward (with, for orpo, the global count T of chosen tokens). So accumulation, data parallelism and packing (several
 pairs per sample: each sequence is its own document, attention never crosses them) give the same
 gradients as one big batch.
 
@@ -30,6 +34,7 @@ the policy with its adapters disabled (no second copy in memory).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -72,9 +77,14 @@ class ObjectiveSettings:
 def pair_losses(s: ObjectiveSettings, *, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                 chosen_lens: torch.Tensor, rejected_lens: torch.Tensor,
                 ref_chosen_logps: torch.Tensor | None = None,
-                ref_rejected_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                ref_rejected_logps: torch.Tensor | None = None,
+                chosen_nll: torch.Tensor | None = None,
+                nll_scale: float | None = None) -> dict[str, torch.Tensor]:
     """Per-pair `loss`, `chosen_rewards`, `rejected_rewards` and the `chosen_logps` /
-    `rejected_logps` the objective uses (sums for dpo/ipo, per-token averages for simpo/orpo)."""
+    `rejected_logps` the objective uses (sums for dpo/ipo, per-token averages for simpo/orpo).
+    orpo also needs `chosen_nll` (per pair: minus the summed log-probs of all chosen tokens but the
+    first) and `nll_scale` = pairs / those tokens, over the global batch; it returns the parts
+    `nll` (= chosen_nll) and `odds_ratio_loss` (-alpha logsigmoid(log_odds)) too."""
     eps = s.label_smoothing
     n_c, n_r = chosen_lens.clamp(min=1).to(chosen_logps.dtype), \
         rejected_lens.clamp(min=1).to(chosen_logps.dtype)
@@ -96,16 +106,22 @@ def pair_losses(s: ObjectiveSettings, *, chosen_logps: torch.Tensor, rejected_lo
         reward_c, reward_r = s.beta * avg_c, s.beta * avg_r
         used_c, used_r = avg_c, avg_r
     elif s.objective == "orpo":
+        if chosen_nll is None or nll_scale is None:
+            raise ValueError("--objective orpo needs the chosen sequences' NLL and its scale")
         log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
-        loss = -avg_c - s.orpo_alpha * F.logsigmoid(log_odds)
+        odds_ratio_loss = -s.orpo_alpha * F.logsigmoid(log_odds)
+        loss = chosen_nll * nll_scale + odds_ratio_loss
         reward_c, reward_r = s.orpo_alpha * avg_c, s.orpo_alpha * avg_r
         used_c, used_r = avg_c, avg_r
+        parts = {"nll": chosen_nll.detach(), "odds_ratio_loss": odds_ratio_loss.detach()}
     else:
         raise ValueError(f"--objective {s.objective}: not a preference objective")
+    if s.objective != "orpo":
+        parts = {}
     if s.sft_weight:
         loss = loss + s.sft_weight * (-avg_c)
     return {"loss": loss, "chosen_rewards": reward_c.detach(), "rejected_rewards": reward_r.detach(),
-            "chosen_logps": used_c.detach(), "rejected_logps": used_r.detach()}
+            "chosen_logps": used_c.detach(), "rejected_logps": used_r.detach(), **parts}
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +144,10 @@ class PairSource(torch.utils.data.Dataset):
     """Samples of a preference dataset, each with the precomputed reference log-probs of its pairs
     (shape (pairs, 2): chosen, rejected) or None."""
 
-    def __init__(self, dataset, ref_logps: np.ndarray | None = None):
+    def __init__(self, dataset, ref_logps: np.ndarray | None = None,
+                 source_starts: Sequence[int] | None = None):
         self.dataset = dataset
+        self.source_starts = list(source_starts) if source_starts is not None else None
         counts = pair_counts(dataset)
         self.pair_start = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         self.num_pairs = int(self.pair_start[-1])
@@ -146,15 +164,17 @@ class PairSource(torch.utils.data.Dataset):
         ref = None
         if self.ref_logps is not None:
             ref = self.ref_logps[self.pair_start[i]:self.pair_start[i + 1]]
-        return sample, ref
+        if self.source_starts is None:
+            return sample, ref
+        return sample, ref, bisect.bisect_right(self.source_starts, int(i)) - 1
 
 
-def collate_pairs(items: Sequence[tuple[Sample, np.ndarray | None]], *, pad_id: int,
-                  flatten: bool) -> dict:
+def collate_pairs(items: Sequence[tuple], *, pad_id: int, flatten: bool) -> dict:
     """`trainer.data.collate` (each sequence is one document) plus, per token position, the global
     sequence number within the micro-batch whose next token it predicts (`label_seq`, -1 where no
-    label): sequence 2k is pair k's chosen, 2k+1 its rejected."""
-    samples = [s for s, _ in items]
+    label): sequence 2k is pair k's chosen, 2k+1 its rejected. Items are (sample, reference
+    log-probs or None[, source number]); with sources, `pair_sources` holds each pair's."""
+    samples = [item[0] for item in items]
     for k, s in enumerate(samples):
         if len(s.doc_lens) % 2:
             split_pairs(s, where=f"micro-batch sample {k}")  # raises, naming the problem
@@ -169,10 +189,18 @@ def collate_pairs(items: Sequence[tuple[Sample, np.ndarray | None]], *, pad_id: 
                          constant_values=IGNORE_INDEX)[:, 1:]
     label_seq = np.where(labels_next != IGNORE_INDEX, next_seg, -1)
     batch["label_seq"] = torch.from_numpy(label_seq)
+    # the same for EVERY next token inside the sequence (prompt too): ORPO's NLL term
+    token_seq = np.where((seg >= 0) & (next_seg == seg), seg, -1)
+    batch["token_seq"] = torch.from_numpy(token_seq)
+    batch["chosen_tokens"] = int(((token_seq >= 0) & (token_seq % 2 == 0)).sum())
     num_seqs = sum(len(s.doc_lens) for s in samples)
     batch["num_pairs"] = num_seqs // 2
-    if all(r is not None for _, r in items):
-        batch["ref_logps"] = torch.from_numpy(np.concatenate([r for _, r in items]).astype(np.float64))
+    if all(item[1] is not None for item in items):
+        batch["ref_logps"] = torch.from_numpy(
+            np.concatenate([item[1] for item in items]).astype(np.float64))
+    if items and len(items[0]) > 2:
+        batch["pair_sources"] = np.repeat([item[2] for item in items],
+                                          [len(s.doc_lens) // 2 for s in samples])
     return batch
 
 
@@ -200,13 +228,31 @@ def pair_loader(source: PairSource, sampler, *, start: int, rank: int, world_siz
 def sequence_logps(model, inputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(token) over each sequence's labelled tokens, their count), in fp32, for the
     2 * num_pairs sequences of the batch, from full logits (one B x L x V tensor)."""
-    logits = model(**inputs).logits
+    return logps_from_logits(model(**inputs).logits, batch)
+
+
+def logps_from_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"].to(logits.device)
     next_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    seq = batch["label_seq"].to(logits.device)
-    keep = next_labels != IGNORE_INDEX
-    token_logps = -F.cross_entropy(logits[keep].float(), next_labels[keep], reduction="none")
-    n = 2 * batch["num_pairs"]
+    return _per_sequence(logits, next_labels, batch["label_seq"].to(logits.device),
+                         2 * batch["num_pairs"])
+
+
+def chosen_nll_from_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(minus the summed log-probs of every token of each chosen sequence but its first, their
+    count) per pair: ORPO's NLL term, as TRL's (prompt tokens included)."""
+    ids = batch["input_ids"].to(logits.device)
+    next_ids = F.pad(ids, (0, 1), value=0)[:, 1:]
+    seq = batch["token_seq"].to(logits.device)
+    seq = torch.where(seq % 2 == 0, seq, -1)  # chosen sequences only: skip the rejected' logits
+    sums, counts = _per_sequence(logits, next_ids, seq, 2 * batch["num_pairs"])
+    return -sums[0::2], counts[0::2]
+
+
+def _per_sequence(logits: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = seq >= 0
+    token_logps = -F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
     sums = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, seq[keep],
                                                                                token_logps)
     counts = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(
@@ -280,26 +326,41 @@ def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_p
 
 
 # -- the run-time part ---------------------------------------------------------------------------
-def check_datasets(objective: str, datasets: dict[str, list[dict]]) -> None:
-    """Preference objectives need pair datasets and SFT needs the others; names the flag."""
-    for flag, manifests in datasets.items():
-        for m in manifests:
-            pairs = is_preference(m)
-            if objective == "sft" and pairs:
-                raise ValueError(f"{flag} {m.get('corpus_name')}: a preference (pair) dataset; "
-                                 f"train it with --objective dpo|ipo|orpo|simpo (add --sft_weight "
-                                 f"for an NLL term on chosen), or encode the data as qa/chat for SFT")
-            if objective != "sft" and not pairs:
-                raise ValueError(f"{flag} {m.get('corpus_name')}: encode_type "
-                                 f"{m.get('encode_type')!r}, but --objective {objective} needs "
-                                 f"preference pairs (encode with --encode_type preference)")
+def check_datasets(objective: str, sources: dict[str, list]) -> None:
+    """Preference objectives need every source to be a pair dataset and SFT needs none to be (a
+    mix of pair and non-pair sources is refused either way); names the flag and the source."""
+    for flag, datasets in sources.items():
+        for ds in datasets:
+            manifests = ds.manifests
+            if not manifests:   # Megatron data: plain sequences, no manifest, no pairs
+                if objective != "sft":
+                    raise ValueError(f"{flag} {' '.join(ds.paths)}: a {ds.kind} dataset of plain "
+                                     f"sequences, but --objective {objective} needs preference "
+                                     f"pairs in every source (encode with --encode_type "
+                                     f"preference); mixing pair and non-pair data is not "
+                                     f"supported: train SFT data in its own run, or add "
+                                     f"--sft_weight for an NLL term on the chosen responses")
+                continue
+            for path, m in zip(ds.paths, manifests):
+                pairs = is_preference(m)
+                if objective == "sft" and pairs:
+                    raise ValueError(f"{flag} {path}: a preference (pair) dataset; train it with "
+                                     f"--objective dpo|ipo|orpo|simpo (add --sft_weight for an NLL "
+                                     f"term on chosen), or encode the data as qa/chat for SFT; "
+                                     f"pair and non-pair data cannot be mixed in one run")
+                if objective != "sft" and not pairs:
+                    raise ValueError(f"{flag} {path}: encode_type {m.get('encode_type')!r}, but "
+                                     f"--objective {objective} needs preference pairs in every "
+                                     f"source (encode with --encode_type preference); mixing pair "
+                                     f"and non-pair data is not supported: train SFT data in its "
+                                     f"own run, or add --sft_weight for an NLL term on chosen")
 
 
 class PreferenceRun:
     """What `trainer/train.py` delegates to when --objective is not sft."""
 
     def __init__(self, settings: ObjectiveSettings, *, train_ds, eval_ds, args, info, dtype,
-                 attn: str, flatten: bool, pad_id: int):
+                 attn: str, flatten: bool, pad_id: int, train_sources=None):
         self.s = settings
         self.args, self.info, self.dtype, self.attn = args, info, dtype, attn
         self.flatten, self.pad_id = flatten, pad_id
@@ -308,18 +369,23 @@ class PreferenceRun:
         ref_train = ref_eval = None
         self.ref_model_path = args.ref_model_path or args.model_path
         if settings.needs_reference and args.precomputed_ref_logps:
-            ref_train = self._load_precomputed(train_ds, args.data_path)
+            ref_train = self._load_precomputed(train_ds)
             if eval_ds is not None:
-                ref_eval = self._load_precomputed(eval_ds, args.eval_data_path)
-        self.train_source = PairSource(train_ds, ref_train)
+                ref_eval = self._load_precomputed(eval_ds)
+        # several --data_path sources (a weighted mix too): per-source loss and pairs in the log
+        several = train_sources is not None and len(train_sources.sources) > 1
+        self.source_names = list(train_sources.names) if several else []
+        self.train_source = PairSource(train_ds, ref_train,
+                                       train_sources.starts if several else None)
+        self.source_window = np.zeros((2, len(self.source_names)))  # loss sums, pairs
         self.eval_source = PairSource(eval_ds, ref_eval) if eval_ds is not None else None
         self.window = dict.fromkeys(("pairs",) + METRIC_NAMES, 0.0)
         self.last: dict[str, float] = {}
 
-    def _load_precomputed(self, ds, paths: list[str]) -> np.ndarray:
+    def _load_precomputed(self, ds) -> np.ndarray:
         model_hash = model_fingerprint(self.ref_model_path)
         parts = []
-        for path, manifest in zip(paths, ds.manifests):
+        for path, manifest in zip(ds.paths, ds.manifests):
             n = int(manifest["totals"]["docs"]) // 2
             parts.append(load_reference_file(Path(path) / REF_LOGPS_FILE,
                                              dataset_hash=dataset_fingerprint(manifest),
@@ -337,15 +403,46 @@ class PreferenceRun:
         return f"model {self.ref_model_path}"
 
     # set-up after the policy exists
-    def setup_reference(self, *, use_lora: bool, ds_config: dict, zero3: bool) -> None:
-        if not self.s.needs_reference or self.args.precomputed_ref_logps:
+    def setup_reference(self, *, use_lora: bool, ds_config: dict, zero3: bool, tokenizer=None,
+                        vocab_plan=None) -> None:
+        """The reference model. When the policy's vocabulary grew to len(tokenizer) (--add_tokens,
+        the data's added tokens; also on a resume, where the checkpoint already holds the rows),
+        the reference gets the same rows, initialised as the policy's were (`vocab_plan`), or the
+        run is refused."""
+        if not self.s.needs_reference:
+            return
+        rows_needed = len(tokenizer) if tokenizer is not None else 0
+        if self.args.precomputed_ref_logps:
+            from transformers import AutoConfig
+            ref_rows = getattr(AutoConfig.from_pretrained(self.ref_model_path), "vocab_size", None)
+            if ref_rows is not None and ref_rows < rows_needed:
+                raise ValueError(
+                    f"--precomputed_ref_logps with a vocabulary that grows to {rows_needed} tokens "
+                    f"(--add_tokens or the data's added tokens): the file was computed by "
+                    f"{self.ref_model_path} ({ref_rows} rows) without the new rows, so its "
+                    f"log-probs are not the starting policy's; drop --precomputed_ref_logps (the "
+                    f"reference is then the starting model, resized like the policy)")
             return
         if use_lora and not self.args.ref_model_path:
-            self.use_adapter_off = True
-            return
-        from trainer.model import load_model
+            self.use_adapter_off = True   # peft keeps the new rows' start (trainable tokens /
+            return                        # modules_to_save hold the trained copy)
+        from trainer.model import embedding_rows, load_model
         ref = load_model(self.ref_model_path, from_scratch=False, dtype=self.dtype,
                          attn_implementation=self.attn)
+        if embedding_rows(ref) < rows_needed:
+            if self.args.ref_model_path and not _same_model(self.args.ref_model_path,
+                                                            self.args.model_path):
+                raise ValueError(
+                    f"--ref_model_path {self.args.ref_model_path} has {embedding_rows(ref)} token "
+                    f"rows but the training vocabulary grows to {rows_needed} (--add_tokens or "
+                    f"the data's added tokens), and its new rows could not start as the policy's "
+                    f"(which come from {self.args.model_path}); pass a reference that already has "
+                    f"{rows_needed} rows, or drop --ref_model_path (the default reference, the "
+                    f"starting model, is resized exactly like the policy)")
+            from trainer import vocab
+            vocab.grow_embeddings(ref, rows_needed, init=vocab_plan.init, why=vocab_plan.why,
+                                  model_tokenizer=vocab_plan.model_tokenizer, tokenizer=tokenizer,
+                                  zero3=zero3, log_it=False)
         ref.requires_grad_(False)
         ref.eval()
         if zero3:  # partitioned like the policy; no optimizer (as TRL's prepare_deepspeed)
@@ -362,42 +459,74 @@ class PreferenceRun:
             ref.to(self.info.device)
         self.ref_model = ref
 
-    def _reference_logps(self, engine, inputs: dict, batch: dict) -> torch.Tensor:
+    def _reference_logps(self, engine, inputs: dict, batch: dict, vocab: int) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"].to(self.info.device).reshape(-1)  # c0 r0 c1 r1 ...
         with torch.no_grad():
             if self.use_adapter_off:
                 with _adapters_disabled(engine.module):
-                    sums, _ = sequence_logps(engine.module, inputs, batch)
+                    logits = engine.module(**inputs).logits
             else:
-                sums, _ = sequence_logps(self.ref_model, inputs, batch)
+                logits = self.ref_model(**inputs).logits
+                if logits.shape[-1] != vocab:  # another softmax: the log-probs would not compare
+                    raise ValueError(f"the reference model {self.ref_model_path} has "
+                                     f"{logits.shape[-1]} output rows, the policy {vocab}; pass a "
+                                     f"--ref_model_path with the policy's vocabulary")
+            sums, _ = logps_from_logits(logits, batch)
         return sums.double()
 
-    def micro_losses(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+    def micro_losses(self, engine, batch: dict, *, nll_scale: float | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Per-pair losses of one micro-batch; `nll_scale` (orpo): global pairs / global chosen
+        tokens (default: this micro-batch's)."""
         from trainer.data import model_inputs
         inputs = model_inputs(batch, self.attn, self.dtype, self.info.device)
-        sums, counts = sequence_logps(engine, inputs, batch)
-        ref = self._reference_logps(engine, inputs, batch) if self.s.needs_reference else None
-        return pair_losses(self.s, chosen_logps=sums[0::2], rejected_logps=sums[1::2],
-                           chosen_lens=counts[0::2], rejected_lens=counts[1::2],
-                           ref_chosen_logps=None if ref is None else ref[0::2].to(sums.dtype),
-                           ref_rejected_logps=None if ref is None else ref[1::2].to(sums.dtype))
+        logits = engine(**inputs).logits
+        sums, counts = logps_from_logits(logits, batch)
+        nll = nll_tokens = None
+        if self.s.objective == "orpo":
+            nll, nll_tokens = chosen_nll_from_logits(logits, batch)
+            if nll_scale is None:
+                nll_scale = batch["num_pairs"] / max(batch["chosen_tokens"], 1)
+        vocab = logits.shape[-1]
+        del logits
+        ref = self._reference_logps(engine, inputs, batch, vocab) if self.s.needs_reference else None
+        out = pair_losses(self.s, chosen_logps=sums[0::2], rejected_logps=sums[1::2],
+                          chosen_lens=counts[0::2], rejected_lens=counts[1::2],
+                          ref_chosen_logps=None if ref is None else ref[0::2].to(sums.dtype),
+                          ref_rejected_logps=None if ref is None else ref[1::2].to(sums.dtype),
+                          chosen_nll=nll, nll_scale=nll_scale)
+        if nll_tokens is not None:
+            out["nll_tokens"] = nll_tokens
+        return out
 
     def train_step(self, engine, micro_batches: list[dict]) -> tuple[float, int]:
         """One optimizer step; returns (global mean per-pair loss, global pair count)."""
         from trainer.dist import all_reduce_sum
         local_pairs = sum(b["num_pairs"] for b in micro_batches)
-        (global_pairs,) = all_reduce_sum([local_pairs], self.info.device)
+        local_tokens = sum(b["chosen_tokens"] for b in micro_batches)
+        global_pairs, global_tokens = all_reduce_sum([local_pairs, local_tokens], self.info.device)
         scale = self.info.world_size / max(global_pairs, 1.0)  # DeepSpeed averages over ranks
+        nll_scale = max(global_pairs, 1.0) / max(global_tokens, 1.0)  # orpo: token mean, global
         sums = dict.fromkeys(("loss",) + METRIC_NAMES, 0.0)
+        per_source = np.zeros_like(self.source_window)
         for batch in micro_batches:
-            out = self.micro_losses(engine, batch)
+            out = self.micro_losses(engine, batch, nll_scale=nll_scale)
             engine.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
             engine.step()
             for k, v in metric_sums(out).items():
                 sums[k] += v
+            if self.source_names:
+                src = batch["pair_sources"]
+                k = len(self.source_names)
+                per_source[0] += np.bincount(src, weights=out["loss"].detach().double().cpu()
+                                             .numpy(), minlength=k)
+                per_source[1] += np.bincount(src, minlength=k)
         keys = list(sums)
-        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.info.device)))
+        reduced = all_reduce_sum([sums[k] for k in keys] + per_source.ravel().tolist(),
+                                 self.info.device)
+        totals = dict(zip(keys, reduced[:len(keys)]))
+        self.source_window += np.asarray(reduced[len(keys):]).reshape(per_source.shape)
         n = max(global_pairs, 1.0)
         self.last = {k: totals[k] / n for k in METRIC_NAMES}
         for k in METRIC_NAMES:
@@ -411,6 +540,10 @@ class PreferenceRun:
         out = {k: self.window[k] / n for k in METRIC_NAMES}
         out["pairs_per_step"] = self.window["pairs"]
         self.window = dict.fromkeys(self.window, 0.0)
+        for name, loss_sum, pairs in zip(self.source_names, *self.source_window):
+            out[f"loss/{name}"] = loss_sum / pairs if pairs else None
+            out[f"pairs/{name}"] = int(pairs)
+        self.source_window[:] = 0
         return out
 
     def evaluate(self, engine, step: int) -> dict:
@@ -419,6 +552,7 @@ class PreferenceRun:
         src, mbs = self.eval_source, self.args.micro_batch_size
         shard = eval_shard(len(src), self.info.rank, self.info.world_size, mbs)
         sums = dict.fromkeys(("loss",) + METRIC_NAMES, 0.0)
+        orpo_parts = [0.0, 0.0, 0.0]  # odds-ratio loss sum, chosen NLL sum, chosen tokens
         pairs = 0
         engine.eval()
         with torch.no_grad():
@@ -435,14 +569,29 @@ class PreferenceRun:
                 pairs += int(keep.sum())
                 for key, v in metric_sums(out).items():
                     sums[key] += v
+                if "nll" in out:
+                    for j, key in enumerate(("odds_ratio_loss", "nll", "nll_tokens")):
+                        orpo_parts[j] += float(out[key].sum())
         engine.train()
         keys = list(sums)
-        totals = all_reduce_sum([sums[k] for k in keys] + [pairs], self.info.device)
+        totals = all_reduce_sum([sums[k] for k in keys] + [pairs] + orpo_parts, self.info.device)
+        orpo_parts = totals[-3:]
+        totals = totals[:-3]
         n = max(totals[-1], 1.0)
-        result = {"step": step, "eval_loss": totals[0] / n, "eval_pairs": int(totals[-1])}
+        loss = totals[0] / n
+        if self.s.objective == "orpo":  # the NLL term: a token mean over the whole eval set
+            loss = orpo_parts[0] / n + orpo_parts[1] / max(orpo_parts[2], 1.0)
+            if self.s.sft_weight:
+                loss += self.s.sft_weight * -(totals[keys.index("logps/chosen")] / n)
+        result = {"step": step, "eval_loss": loss, "eval_pairs": int(totals[-1])}
         for key, v in zip(keys[1:], totals[1:-1]):
             result[f"eval_{key}"] = v / n
         return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same directory, or identical weight and config files."""
+    return Path(a).resolve() == Path(b).resolve() or model_fingerprint(a) == model_fingerprint(b)
 
 
 @contextlib.contextmanager

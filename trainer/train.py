@@ -135,8 +135,8 @@ class Trainer:
         pad = None if self.tokenizer is None else self.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
         from trainer.preference import check_datasets
-        check_datasets(args.objective, {"--data_path": self.train_ds.manifests,
-                                        "--eval_data_path": self.eval_ds.manifests if self.eval_ds else []})
+        check_datasets(args.objective, {"--data_path": self.train_data.sources,
+                                        "--eval_data_path": self.eval_data.sources if self.eval_data else []})
 
         # ---- precision, attention, DeepSpeed config
         self.dtype = mdl.resolve_precision(args.precision)
@@ -155,7 +155,7 @@ class Trainer:
                                   simpo_gamma=args.simpo_gamma, orpo_alpha=args.orpo_alpha,
                                   sft_weight=args.sft_weight),
                 train_ds=self.train_ds, eval_ds=self.eval_ds, args=args, info=info, dtype=self.dtype,
-                attn=self.attn, flatten=self.flatten, pad_id=self.pad_id)
+                attn=self.attn, flatten=self.flatten, pad_id=self.pad_id, train_sources=self.train_data)
         raw, cfg_path = dsc.read_config(args)
         values = dsc.auto_values(args, world_size=info.world_size,
                                  precision=_precision_name(self.dtype),
@@ -225,7 +225,8 @@ class Trainer:
         # ---- optimizer, schedule, engine
         self.engine = self._build_engine(model)
         if self.pref is not None:
-            self.pref.setup_reference(use_lora=args.use_lora, ds_config=self.ds_config, zero3=self.zero3)
+            self.pref.setup_reference(use_lora=args.use_lora, ds_config=self.ds_config, zero3=self.zero3,
+                                      tokenizer=self.tokenizer, vocab_plan=self.vocab_plan)
 
         # ---- state and data position
         from trainer.data import build_train_sampler
@@ -260,8 +261,6 @@ class Trainer:
         return config
 
     def _check_data(self, model) -> None:
-        import numpy as np
-
         from trainer import model as mdl
         rows = mdl.embedding_rows(model)
         for flag, ds in (("--data_path", self.train_ds), ("--eval_data_path", self.eval_ds)):
@@ -269,8 +268,8 @@ class Trainer:
                 continue
             lengths = ds.sample_lengths()
             if self.args.objective != "sft":  # pairs: positions restart at every sequence
-                lengths = np.concatenate([s.open()["doc_lens"] for s in ds.shards()]) \
-                    if ds.num_shards else lengths
+                from shardfmt.preference import sequence_lengths
+                lengths = sequence_lengths(ds)
             mdl.check_data_fits_model(max_token_id=ds.max_token_id,
                                       max_length=int(lengths.max()) if len(lengths) else 0,
                                       embedding_rows=rows, max_positions=mdl.max_positions(model),
@@ -566,7 +565,7 @@ class Trainer:
                              "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
                              "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
                              "samples_seen": st.consumed_samples,
-                             **(self.source_metrics() if several else {}),
+                             **(self.source_metrics() if several and not self.pref else {}),
                              **(self.pref.window_metrics() if self.pref else {})})
                     window = dict.fromkeys(window, 0)
                 if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:

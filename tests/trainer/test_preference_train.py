@@ -178,3 +178,57 @@ def test_two_ranks_and_resume_equal_one_process(baseline, pref_assets, tmp_path)
     resumed = _train_losses(tmp_path / "resumed")
     assert len(resumed) == STEPS - 2
     assert max(abs(x - y) for x, y in zip(base[2:], resumed)) <= TOL, (base, resumed)
+
+
+def _first_loss_is_ln2(run_dir: Path) -> list[float]:
+    losses = _train_losses(run_dir)
+    assert abs(losses[0] - math.log(2)) < 1e-6, losses  # policy == reference, new rows included
+    return losses
+
+
+@pytest.mark.slow
+def test_orpo_mix_and_added_tokens(pref_assets, tmp_path):
+    """ORPO's global normalisation (NLL: token mean over the global batch's chosen tokens):
+    accumulation 4 x 1 on unpacked pairs == micro-batch 2 of packed samples (2 pairs each).
+    --add_tokens: the reference (the starting model, or LoRA's adapter-free policy) gets the same
+    new rows as the policy, so the first DPO step is ln 2 exactly; a weighted mix of two pair
+    datasets trains, with per-source loss and pairs in the log. Refused with a clear message:
+    a pair + non-pair mix, --add_tokens with a --ref_model_path lacking the rows, and with
+    --precomputed_ref_logps."""
+    from trainer_testlib import write_dataset
+    a = pref_assets
+    other = tmp_path / "other_model"
+    tok = build_tokenizer(other)
+    build_model(other, vocab_size=len(tok), seed=3)
+    sft = write_dataset(tmp_path, "sft", tok, num_samples=8)
+    orpo = ["--objective", "orpo", "--orpo_alpha", "0.2", "--beta", "0.1"]
+    mix = ["--data_path", "0.7", str(a["pairs"]), "0.3", str(a["packed"])]
+    add = ["--add_tokens", "<tool>,<think>"]
+    procs = run_trains(timeout=900, arg_lists=[
+        _args(a, tmp_path, "orpo_accum", "--micro_batch_size", "1",
+              "--gradient_accumulation_steps", "4", *orpo),
+        _args(a, tmp_path, "orpo_packed", "--micro_batch_size", "2", *orpo, data="packed"),
+        _args(a, tmp_path, "mix_added", "--micro_batch_size", "4", *add, *mix),
+        _args(a, tmp_path, "lora_added", "--micro_batch_size", "4", "--use_lora", *add),
+        _args(a, tmp_path, "bad_mix", "--data_path", str(a["pairs"]), str(sft)),
+        _args(a, tmp_path, "bad_ref", *add, "--ref_model_path", str(other)),
+        _args(a, tmp_path, "bad_pre", *add, "--precomputed_ref_logps"),
+    ])
+    for p in procs[:4]:
+        check_ok(p)
+    x, y = _train_losses(tmp_path / "orpo_accum"), _train_losses(tmp_path / "orpo_packed")
+    assert max(abs(u - v) for u, v in zip(x, y)) <= TOL, (x, y)
+    assert x[-1] < x[0]
+    _first_loss_is_ln2(tmp_path / "mix_added")
+    _first_loss_is_ln2(tmp_path / "lora_added")
+    last = [r for r in _log(tmp_path / "mix_added") if "eval_loss" not in r][-1]
+    # 4 samples a step: an unpacked one holds 1 pair, a packed one 2
+    assert last["pairs/pairs"] + last["pairs/packed"] == last["pairs_per_step"]
+    assert last["pairs/packed"] % 2 == 0 and last["pairs/pairs"] + last["pairs/packed"] / 2 == 4
+    assert last["loss/pairs"] is not None
+    for p, words in zip(procs[4:], (["needs preference pairs in every source", str(sft)],
+                                    ["--ref_model_path", "could not start as the policy's"],
+                                    ["--precomputed_ref_logps", "without the new rows"])):
+        assert p.returncode == 2, p.stderr[-2000:]
+        for w in words:
+            assert w in p.stderr, (w, p.stderr[-2000:])

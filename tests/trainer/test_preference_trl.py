@@ -2,8 +2,9 @@
 on the same model and pairs (<= 1e-5):
   DPO (sigmoid) and IPO: `DPOTrainer._compute_loss` on one pair at a time (its loss is then the
       pair's loss, its logged rewards/logps the pair's), policy and reference forwards by TRL;
-  SimPO: `CPOTrainer.cpo_loss(loss_type="simpo")` and ORPO: `ORPOTrainer.odds_ratio_loss`, fed
-      log-probs from TRL's `get_batch_logps` on TRL-style padded batches.
+  SimPO: `CPOTrainer.cpo_loss(loss_type="simpo")` and ORPO's odds-ratio term:
+      `ORPOTrainer.odds_ratio_loss`, fed log-probs from TRL's `get_batch_logps` on TRL-style
+      padded batches; ORPO's TOTAL loss (NLL + odds ratio): `ORPOTrainer.get_batch_loss_metrics`.
 Our side runs the trainer's path: pair collate (packed and unpacked, flattened sdpa_varlen
 attention) -> `sequence_logps` -> `pair_losses`. Run with -s to see the numbers."""
 
@@ -167,24 +168,88 @@ def test_simpo_equals_trl_cpo_simpo(setup, ours):
     assert _report("simpo (loss, rewards c/r)", rows) <= TOL
 
 
-def test_orpo_equals_trl_odds_ratio_loss(setup, ours):
-    from trl.experimental.orpo import ORPOTrainer
+def _trl_orpo_batch(pairs, pad_id: int) -> dict:
+    """TRL ORPO's tokenized batch: right-padded chosen/rejected ids, attention masks, labels with
+    the prompt and the pads at -100 (what its collator builds from prompt/chosen/rejected ids)."""
+    batch = {}
+    for side, name in ((0, "chosen"), (1, "rejected")):
+        width = max(len(pair[side]) for pair in pairs)
+        ids = torch.full((len(pairs), width), pad_id)
+        labels = torch.full((len(pairs), width), -100)
+        attn = torch.zeros((len(pairs), width), dtype=torch.long)
+        for b, pair in enumerate(pairs):
+            s, p = pair[side], pair[2]
+            ids[b, :len(s)] = torch.tensor(s)
+            labels[b, p:len(s)] = torch.tensor(s[p:])
+            attn[b, :len(s)] = 1
+        batch.update({f"{name}_input_ids": ids, f"{name}_attention_mask": attn,
+                      f"{name}_labels": labels})
+    return batch
+
+
+def _our_orpo(setup, settings, per_sample: int, micro_pairs: int) -> dict:
+    """The trainer's ORPO path: micro-batches of `micro_pairs` pairs (packed `per_sample` pairs per
+    sample), NLL scaled by the global pairs / chosen tokens, as `PreferenceRun.train_step` does."""
+    from trainer.data import model_inputs
+    from trainer.preference import chosen_nll_from_logits, logps_from_logits
+    samples = _samples(setup["pairs"], per_sample)
+    per_micro = micro_pairs // per_sample
+    batches = [collate_pairs([(s, None) for s in samples[k:k + per_micro]], pad_id=3, flatten=True)
+               for k in range(0, len(samples), per_micro)]
+    scale = sum(b["num_pairs"] for b in batches) / sum(b["chosen_tokens"] for b in batches)
+    outs = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = setup["models"]["policy"](**model_inputs(batch, "sdpa_varlen", torch.float32,
+                                                              torch.device("cpu"))).logits
+            sums, n = logps_from_logits(logits, batch)
+            nll, _ = chosen_nll_from_logits(logits, batch)
+            outs.append(pair_losses(settings, chosen_logps=sums[0::2], rejected_logps=sums[1::2],
+                                    chosen_lens=n[0::2], rejected_lens=n[1::2], chosen_nll=nll,
+                                    nll_scale=scale))
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+def test_orpo_total_loss_equals_trl_orpo_trainer(setup, tmp_path):
+    """TRL's whole ORPO loss (`ORPOTrainer.get_batch_loss_metrics`: chosen NLL over prompt and
+    response, token mean over the batch, minus alpha * mean logsigmoid(log odds)) on the 6 pairs
+    as one batch == the mean of our per-pair losses, in one micro-batch or split into micro-batches
+    (global normalisation), packed or not; per-pair odds-ratio terms and rewards too."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     alpha = 0.1
+    policy = AutoModelForCausalLM.from_pretrained(setup["dir"] / "policy", dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": "w1 w2", "chosen": " w3", "rejected": " w9"}] * 2)
+    cfg = ORPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=alpha,
+                     per_device_train_batch_size=len(setup["pairs"]), bf16=False, fp16=False,
+                     max_length=64)
+    trl = ORPOTrainer(model=policy, args=cfg, train_dataset=ds, processing_class=setup["tok"])
+    trl.model.eval()
+    with torch.no_grad():
+        trl_loss, metrics = trl.get_batch_loss_metrics(
+            trl.model, _trl_orpo_batch(setup["pairs"], trl.padding_value))
     avg_c, avg_r = _trl_avg_logps(setup)
     ns = types.SimpleNamespace(beta=alpha,
                                accelerator=types.SimpleNamespace(device=torch.device("cpu")))
     or_losses, rc, rr, _, _ = ORPOTrainer.odds_ratio_loss(ns, avg_c, avg_r)
-    rows = []
-    for per_sample in (1, 3):
-        mine = _our_losses(ours[per_sample], ObjectiveSettings("orpo", orpo_alpha=alpha))
-        nll = -mine["chosen_logps"]   # our NLL term: the chosen response, per token
+    settings = ObjectiveSettings("orpo", orpo_alpha=alpha)
+    rows, totals = [], []
+    for per_sample, micro_pairs in ((1, 6), (1, 2), (3, 3), (3, 6)):
+        mine = _our_orpo(setup, settings, per_sample, micro_pairs)
+        totals.append((f"{per_sample} pair(s)/sample, {micro_pairs} pairs/micro-batch",
+                       float(mine["loss"].mean()), float(trl_loss)))
         for k in range(NUM_PAIRS):
-            # TRL: loss = nll - mean(or_losses); ours per pair: nll_k - or_losses_k
-            rows.append((k, (float(mine["loss"][k] - nll[k]), -float(or_losses[k])),
-                         (float(nll[k]), -float(avg_c[k])),
+            rows.append((k, (float(mine["odds_ratio_loss"][k]), -float(or_losses[k])),
                          (float(mine["chosen_rewards"][k]), float(rc[k])),
                          (float(mine["rejected_rewards"][k]), float(rr[k]))))
-    assert _report("orpo (odds-ratio term, response NLL, rewards c/r)", rows) <= TOL
+    worst_total = max(abs(a - b) for _, a, b in totals)
+    print(f"\norpo TOTAL loss (NLL + odds ratio): max |ours - TRL| = {worst_total:.2e} "
+          f"(TRL {float(trl_loss):.7f}, nll_loss {metrics['nll_loss']:.7f})")
+    for name, a, b in totals:
+        print(f"  {name}: {a:+.7f}/{b:+.7f}")
+    assert worst_total <= TOL
+    assert _report("orpo (odds-ratio term, rewards c/r)", rows) <= TOL
 
 
 def test_sft_weight_and_label_smoothing(setup, ours):
