@@ -95,6 +95,31 @@ def build_model(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
+def deepspeed_train(args: list, *, env: dict, ranks: int = 2) -> None:
+    """trainer/train.py under `deepspeed --num_gpus N` (N CPU ranks on gloo), ZeRO-2, fp32."""
+    run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", ranks, "trainer/train.py", *args,
+         "--zero_stage", 2, "--precision", "fp32", "--no_timestamp"], env=env)
+
+
+def heldout_generations(model: Path, out: Path, name: str, *, env: dict) -> list[dict]:
+    """Greedy generations (trainer.generate) on the held-out prompts: dicts with prompt, expected
+    and generated."""
+    sys.path.insert(0, str(ROOT / "encoder" / "user_data_loader"))
+    from template_generator import data_loader
+    rows = list(data_loader(template=str(TASK / "template.txt"), params=str(TASK / "params.json"),
+                            holdout_every=8, split="heldout"))
+    prompts = out / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = out / f"generations{'_' + name if name else ''}.jsonl"
+    run([PY, "-m", "trainer.generate", "--model", model, "--prompts_file", prompts,
+         "--output", results, "--max_new_tokens", 48], env=env)
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+def exact_matches(gens: list[dict]) -> int:
+    return sum(g["generated"].strip() == g["expected"].strip() for g in gens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,12 +150,12 @@ def main() -> None:
     run([PY, "-m", "shardfmt", "inspect", out / "data" / "emails", "--show", 1], env=env)
 
     step("5. train (2 CPU ranks, DeepSpeed ZeRO-2)")
-    run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", 2, "trainer/train.py",
-         "--model_path", model_dir, "--data_path", out / "data" / "emails",
-         "--output_path", out / "runs", "--save_name", "emails", "--no_timestamp",
-         "--max_steps", steps, "--micro_batch_size", 4, "--gradient_accumulation_steps", 1,
-         "--learning_rate", 3e-3, "--warmup_ratio", 0.05, "--lr_scheduler", "linear",
-         "--save_steps", steps // 2, "--logging_steps", 20, "--zero_stage", 2], env=env)
+    deepspeed_train(["--model_path", model_dir, "--data_path", out / "data" / "emails",
+                     "--output_path", out / "runs", "--save_name", "emails",
+                     "--max_steps", steps, "--micro_batch_size", 4,
+                     "--gradient_accumulation_steps", 1, "--learning_rate", 3e-3,
+                     "--warmup_ratio", 0.05, "--lr_scheduler", "linear",
+                     "--save_steps", steps // 2, "--logging_steps", 20], env=env)
     run_dir = out / "runs" / "emails"
     final = run_dir / "checkpoints" / f"step_{steps}"
 
@@ -139,17 +164,9 @@ def main() -> None:
     run([PY, "-m", "trainer.export", "--checkpoint", final, "--output", exported], env=env)
 
     step("7. generate on held-out prompts")
-    heldout = out / "heldout.jsonl"
-    sys.path.insert(0, str(ROOT / "encoder" / "user_data_loader"))
-    from template_generator import data_loader
-    rows = list(data_loader(template=str(TASK / "template.txt"), params=str(TASK / "params.json"),
-                            holdout_every=8, split="heldout"))
-    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gens = heldout_generations(exported, out, "", env=env)
     results = out / "generations.jsonl"
-    run([PY, "-m", "trainer.generate", "--model", exported, "--prompts_file", heldout,
-         "--output", results, "--max_new_tokens", 48], env=env)
-    gens = [json.loads(line) for line in results.read_text().splitlines()]
-    correct = sum(g["generated"].strip() == g["expected"].strip() for g in gens)
+    correct = exact_matches(gens)
     for g in gens[:3]:
         print(f"\nprompt:    {g['prompt']!r}\nexpected:  {g['expected']!r}\n"
               f"generated: {g['generated']!r}")

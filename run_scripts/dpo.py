@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "run_scripts"))
 sys.path.insert(0, str(ROOT))
 
-from demo import PY, TASK, build_model, run, step, train_tokenizer  # noqa: E402
+from demo import (PY, TASK, build_model, deepspeed_train, exact_matches,  # noqa: E402
+                  heldout_generations, run, step, train_tokenizer)
 
 PLUGINS = ROOT / "encoder" / "user_data_loader"
 HOLDOUT = ["holdout_every=8"]
@@ -44,24 +45,10 @@ def encode(out: Path, tokenizer_dir: Path, *, plugin: str, encode_type: str, nam
     return out / "data" / name
 
 
-def train(args: list, *, env: dict) -> None:
-    run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", 2, "trainer/train.py", *args,
-         "--zero_stage", 2, "--precision", "fp32", "--no_timestamp"], env=env)
-
-
 def exact_match(model: Path, out: Path, name: str, env: dict) -> tuple[int, int]:
     """Greedy generations on the held-out prompts vs the expected emails."""
-    sys.path.insert(0, str(PLUGINS))
-    from template_generator import data_loader
-    rows = list(data_loader(template=str(TASK / "template.txt"), params=str(TASK / "params.json"),
-                            holdout_every=8, split="heldout"))
-    prompts = out / "heldout.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    results = out / f"generations_{name}.jsonl"
-    run([PY, "-m", "trainer.generate", "--model", model, "--prompts_file", prompts, "--output",
-         results, "--max_new_tokens", 48], env=env)
-    gens = [json.loads(line) for line in results.read_text().splitlines()]
-    return sum(g["generated"].strip() == g["expected"].strip() for g in gens), len(gens)
+    gens = heldout_generations(model, out, name, env=env)
+    return exact_matches(gens), len(gens)
 
 
 def reward_accuracy(policy: Path, reference: Path, pairs: Path, beta: float) -> dict:
@@ -121,7 +108,7 @@ def main() -> None:
     step("2-3. SFT (qa, packed) and export")
     sft_data = encode(out, tokenizer_dir, plugin="template_generator.py", encode_type="qa",
                       name="emails", split="train", env=env, merge=True)
-    train(["--model_path", base, "--data_path", sft_data, "--output_path", out / "runs",
+    deepspeed_train(["--model_path", base, "--data_path", sft_data, "--output_path", out / "runs",
            "--save_name", "sft", "--max_steps", sft_steps, "--micro_batch_size", 4,
            "--learning_rate", 3e-3, "--warmup_ratio", 0.05, "--lr_scheduler", "linear",
            "--logging_steps", 20], env=env)
@@ -138,7 +125,7 @@ def main() -> None:
     run([PY, "-m", "shardfmt", "inspect", pairs, "--show", 1], env=env)
 
     step("5. DPO from the SFT model (reference = the SFT model) and export")
-    train(["--model_path", sft, "--data_path", pairs, "--eval_data_path", heldout_pairs,
+    deepspeed_train(["--model_path", sft, "--data_path", pairs, "--eval_data_path", heldout_pairs,
            "--output_path", out / "runs", "--save_name", "dpo", "--objective", "dpo",
            "--beta", args.beta, "--max_steps", dpo_steps, "--micro_batch_size", 4,
            "--sft_weight", args.sft_weight, "--learning_rate", args.dpo_lr,

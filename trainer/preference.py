@@ -124,6 +124,32 @@ def pair_losses(s: ObjectiveSettings, *, chosen_logps: torch.Tensor, rejected_lo
             "chosen_logps": used_c.detach(), "rejected_logps": used_r.detach(), **parts}
 
 
+def kto_losses(*, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+               kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, beta: float = 0.1,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+               ) -> dict[str, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) as TRL 1.16's KTOTrainer (loss_type "kto"), for unpaired
+    samples: `logps`/`ref_logps` the summed completion log-probs of each sample under the policy
+    and the reference, `desirable` its boolean label, `kl_logps`/`ref_kl_logps` those of the
+    mismatched sequences (`kto_mismatched`: prompt i with completion i-1) that estimate the KL
+    reference point z0 = max(0, mean(kl_logps - ref_kl_logps)), detached. Per sample:
+        desirable    w_d (1 - sigmoid(beta (r - z0)))        r = logps - ref_logps
+        undesirable  w_u (1 - sigmoid(beta (z0 - r)))        reward = beta r
+    TRL's loss is the mean over the batch's samples; z0 is estimated over the same batch."""
+    kl = (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    ratio = logps - ref_logps
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return {"loss": loss, "rewards": (beta * ratio).detach(), "kl": kl}
+
+
+def kto_mismatched(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray]
+                   ) -> list[np.ndarray]:
+    """The KL sequences of a batch, as TRL builds them: prompt i + completion i-1 (cyclic)."""
+    n = len(prompts)
+    return [np.concatenate([prompts[i], completions[(i - 1) % n]]) for i in range(n)]
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012), as in TRL's ORPO."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)),

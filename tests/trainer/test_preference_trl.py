@@ -264,3 +264,65 @@ def test_sft_weight_and_label_smoothing(setup, ours):
     want = -0.8 * F.logsigmoid(z) - 0.2 * F.logsigmoid(-z) + 0.5 * (-pol[0::2] / n[0::2])
     assert torch.allclose(smooth["loss"], want, atol=1e-6)
     assert torch.allclose(base["loss"], -F.logsigmoid(z), atol=1e-6)
+
+
+def test_kto_loss_equals_trl_kto_trainer(setup, tmp_path):
+    """`kto_losses` (trainer/preference.py) on log-probs from the trainer's path (pair collate,
+    packed: each sample's sequence beside its KL sequence, prompt i + completion i-1 by
+    `kto_mismatched`) == TRL 1.16's `KTOTrainer._compute_loss` on the same 6 unpaired samples as
+    one batch: loss (mean over samples), KL estimate, rewards/chosen and rewards/rejected."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    from trainer.data import model_inputs
+    from trainer.preference import kto_losses, kto_mismatched
+    beta, w_d, w_u = 0.1, 1.3, 0.7
+    d = setup["dir"]
+    labels = [True, False, True, True, False, False]
+    prompts = [pair[0][:pair[2]] for pair in setup["pairs"]]
+    completions = [pair[0 if lab else 1][pair[2]:] for pair, lab in zip(setup["pairs"], labels)]
+    kl_seqs = kto_mismatched(prompts, completions)
+    samples = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seqs = [np.concatenate([p, c]), kl_seqs[i]]
+        masks = [np.arange(len(x)) >= len(p) for x in seqs]
+        samples.append(Sample(np.concatenate(seqs), np.concatenate(masks),
+                              np.array([len(x) for x in seqs], np.int32)))
+    batch = collate_pairs([(s, None) for s in samples], pad_id=3, flatten=True)
+    inputs = model_inputs(batch, "sdpa_varlen", torch.float32, torch.device("cpu"))
+    # roles swapped (policy: "ref", reference: "policy"): for these weights the KL estimate is
+    # then positive, so the reference point z0 is not clamped to 0 and enters every loss
+    with torch.no_grad():
+        pol, _ = sequence_logps(setup["models"]["ref"], inputs, batch)
+        ref, _ = sequence_logps(setup["models"]["policy"], inputs, batch)
+    desirable = torch.tensor(labels)
+    mine = kto_losses(logps=pol[0::2], ref_logps=ref[0::2], desirable=desirable,
+                      kl_logps=pol[1::2], ref_kl_logps=ref[1::2], beta=beta,
+                      desirable_weight=w_d, undesirable_weight=w_u)
+
+    policy = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": "w1 w2", "completion": " w3", "label": True},
+                            {"prompt": "w1 w2", "completion": " w9", "label": False}])
+    cfg = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=beta,
+                    desirable_weight=w_d, undesirable_weight=w_u, per_device_train_batch_size=2,
+                    bf16=False, fp16=False, max_length=None)
+    trl = KTOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=ds,
+                     processing_class=setup["tok"])
+    trl.model.eval()
+    examples = [{"prompt_ids": p.tolist(), "completion_ids": c.tolist(),
+                 "KL_completion_ids": completions[(i - 1) % len(prompts)].tolist(), "label": lab}
+                for i, (p, c, lab) in enumerate(zip(prompts, completions, labels))]
+    with torch.no_grad():
+        trl_loss = float(trl._compute_loss(trl.model, trl.data_collator(examples), False))
+    m = {key: v[-1] for key, v in trl._metrics["eval"].items()}
+    rows = [("loss", float(mine["loss"].mean()), trl_loss), ("kl", float(mine["kl"]), m["kl"]),
+            ("rewards/chosen", float(mine["rewards"][desirable].mean()), m["rewards/chosen"]),
+            ("rewards/rejected", float(mine["rewards"][~desirable].mean()),
+             m["rewards/rejected"])]
+    worst = max(abs(a - b) for _, a, b in rows)
+    print(f"\nkto: max |ours - TRL| = {worst:.2e}  " +
+          "  ".join(f"{k} {a:+.7f}/{b:+.7f}" for k, a, b in rows))
+    assert float(mine["kl"]) > 0    # the policy moved: the KL reference point is not clamped
+    assert worst <= TOL
