@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from shardfmt import Sample
 from shardfmt.preference import is_preference, pair_counts, split_pairs
 from trainer.data import IGNORE_INDEX, RankSampler, collate
 
