@@ -96,9 +96,16 @@ def build_model(out: Path, tokenizer_dir: Path) -> Path:
 
 
 def deepspeed_train(args: list, *, env: dict, ranks: int = 2) -> None:
-    """trainer/train.py under `deepspeed --num_gpus N` (N CPU ranks on gloo), ZeRO-2, fp32."""
-    run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", ranks, "trainer/train.py", *args,
-         "--zero_stage", 2, "--precision", "fp32", "--no_timestamp"], env=env)
+    """trainer/train.py under `deepspeed --num_gpus N` (N CPU ranks on gloo), ZeRO-2, fp32. A free
+    rendezvous port, not the launcher's fixed 29500: two runs on one machine would otherwise meet
+    in the same store (one fails with EADDRINUSE, the other's ranks wait)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run([ROOT / ".venv" / "bin" / "deepspeed", "--num_gpus", ranks, "--master_port", port,
+         "trainer/train.py", *args, "--zero_stage", 2, "--precision", "fp32", "--no_timestamp"],
+        env=env)
 
 
 def heldout_generations(model: Path, out: Path, name: str, *, env: dict) -> list[dict]:
