@@ -103,9 +103,9 @@ def ensure_model(out: Path, shared: Path = SHARED) -> Path:
 def load_tiny_model(model_dir: Path, attn: str):
     import torch
 
-    from trainer.model import load_model
-    return load_model(str(model_dir), from_scratch=False, dtype=torch.float32,
-                      attn_implementation=attn).train()
+    from trainer.model import load_training_model
+    return load_training_model(str(model_dir), from_scratch=False, dtype=torch.float32,
+                               attn_implementation=attn).train()
 
 
 # -- pipeline side --------------------------------------------------------------------------------

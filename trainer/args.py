@@ -118,6 +118,12 @@ def _split_tokens(values: list[str] | None) -> list[str]:
     return [t.strip() for t in out]
 
 
+def _add_float_flags(group, defaults: TrainArgs, flags: dict[str, str]) -> None:
+    """`--NAME` (float, default: the TrainArgs field NAME) for each {NAME: help}."""
+    for name, help_text in flags.items():
+        group.add_argument(f"--{name}", type=float, default=getattr(defaults, name), help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag has help; ArgumentDefaultsHelpFormatter appends "(default: X)" to each."""
     d = TrainArgs()
@@ -158,19 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "per forward")
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
                    help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=d.learning_rate, help="peak learning rate")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler,
                    help="after warmup: constant, or linear/cosine decay to 0 at the last step")
-    g.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, help="fraction of the "
-                   "steps with linear warmup")
-    g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="decoupled weight "
-                   "decay of matrices (not biases/norms)")
-    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1, help="beta1 of AdamW/Lion "
-                   "(None: 0.9)")
-    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2, help="beta2 (None: 0.95 for "
-                   "AdamW, 0.99 for Lion)")
-    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon, help="AdamW epsilon")
-    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    _add_float_flags(g, d, {
+        "learning_rate": "peak learning rate",
+        "warmup_ratio": "fraction of the steps with linear warmup",
+        "weight_decay": "decoupled weight decay of matrices (not biases/norms)",
+        "adam_beta1": "beta1 of AdamW/Lion (None: 0.9)",
+        "adam_beta2": "beta2 (None: 0.95 for AdamW, 0.99 for Lion)",
+        "adam_epsilon": "AdamW epsilon",
+        "max_grad_norm": "0 disables clipping"})
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="with ZeRO-Offload "
                    "(offload_optimizer to cpu) DeepSpeed's CPU Adam/Lion is used")
     g.add_argument("--zero_stage", type=int, choices=(2, 3), default=None, help="picks the bundled "
@@ -222,17 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="sft: next-token loss on qa/chat/pretrain data; dpo|ipo|orpo|simpo: on "
                    "preference pairs (encoder --encode_type preference)")
-    g.add_argument("--beta", type=float, default=d.beta, help="dpo/ipo/simpo temperature "
-                   "(TRL's beta; IPO's tau)")
-    g.add_argument("--label_smoothing", type=float, default=d.label_smoothing,
-                   help="dpo/simpo: probability that a pair's labels are flipped (conservative "
-                   "DPO), in [0, 0.5)")
-    g.add_argument("--simpo_gamma", type=float, default=d.simpo_gamma, help="simpo target reward "
-                   "margin gamma")
-    g.add_argument("--orpo_alpha", type=float, default=d.orpo_alpha, help="orpo weight of the odds "
-                   "ratio term (the paper's lambda, TRL's beta)")
-    g.add_argument("--sft_weight", type=float, default=d.sft_weight, help="add this times the "
-                   "chosen response's per-token NLL to every pair's loss")
+    _add_float_flags(g, d, {
+        "beta": "dpo/ipo/simpo temperature (TRL's beta; IPO's tau)",
+        "label_smoothing": "dpo/simpo: probability that a pair's labels are flipped (conservative "
+                           "DPO), in [0, 0.5)",
+        "simpo_gamma": "simpo target reward margin gamma",
+        "orpo_alpha": "orpo weight of the odds ratio term (the paper's lambda, TRL's beta)",
+        "sft_weight": "add this times the chosen response's per-token NLL to every pair's loss"})
     g.add_argument("--ref_model_path", default=None, help="dpo/ipo reference model (default: the "
                    "starting --model_path; under LoRA: the policy with adapters disabled)")
     g.add_argument("--precomputed_ref_logps", action="store_true", help="dpo/ipo: read the "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.errors import UsageError
 from trainer.families import VARLEN_MODEL_TYPES  # noqa: F401  (re-exported: the checked list)
 
 VARLEN_SDPA = "sdpa_varlen"
@@ -38,7 +39,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     bounds = cu_seq_lens_q.tolist()
     window = getattr(module, "sliding_window", None)
     if window and max(e - s for s, e in zip(bounds[:-1], bounds[1:])) > window:
-        raise ValueError(f"--attn_implementation sdpa_varlen: a document is longer than this layer's "
+        raise UsageError(f"--attn_implementation sdpa_varlen: a document is longer than this layer's "
                          f"sliding window ({window} tokens), which it does not apply; use "
                          f"--attn_implementation sdpa (or flash_attention_2 on a GPU)")
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],

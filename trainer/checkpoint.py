@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from shardfmt.writer import fsync_dir, write_json_atomic, write_text_atomic
 from trainer.dist import DistInfo, all_reduce_sum, barrier, broadcast_text
+from trainer.errors import CheckpointNotFoundError, CheckpointSaveError
 
 STATE_NAME = "trainer_state.json"
 PROMPT_FORMAT = "prompt_format.json"
@@ -48,8 +50,9 @@ def make_run_dir(output_path: str, save_name: str, no_timestamp: bool, info: Dis
     return run_dir
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir from a checkpoint dir, a run dir, or a run's checkpoints/ dir."""
+def resolve_checkpoint(path: str | Path, *, flag: str = "--load_ckpt_path") -> Path:
+    """A checkpoint dir from a checkpoint dir, a run dir, or a run's checkpoints/ dir; `flag`
+    names the option it came from in the error."""
     p = Path(path)
     if (p / STATE_NAME).is_file():
         return p
@@ -57,10 +60,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if pointer.is_file():
             ckpt = pointer.parent / pointer.read_text().strip()
             if not (ckpt / STATE_NAME).is_file():
-                raise FileNotFoundError(f"--load_ckpt_path {path}: {pointer} names {ckpt.name}, "
+                raise CheckpointNotFoundError(f"{flag} {path}: {pointer} names {ckpt.name}, "
                                         f"which has no {STATE_NAME} (deleted or incomplete)")
             return ckpt
-    raise FileNotFoundError(f"--load_ckpt_path {path}: neither a checkpoint dir (no {STATE_NAME}) "
+    raise CheckpointNotFoundError(f"{flag} {path}: neither a checkpoint dir (no {STATE_NAME}) "
                             f"nor a run dir (no checkpoints/latest). Point it at "
                             f"OUTPUT/<run>/ or OUTPUT/<run>/checkpoints/step_<N>/.")
 
@@ -160,19 +163,18 @@ def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -
     plt.close(fig)
 
 
-class CheckpointSaveError(RuntimeError):
-    """Writing a checkpoint failed (disk full, file too large, unwritable); `latest` is untouched."""
-
-
 def save_checkpoint(**kwargs) -> Path:
     """Write checkpoints/step_<step>/ completely, then rename it into place and update `latest`.
 
     Must be called on every rank (ZeRO gathers and engine shards are collective). A failed write
-    (safetensors reports it as SafetensorError, not OSError) raises CheckpointSaveError.
+    (OSError; safetensors reports it as SafetensorError) raises CheckpointSaveError on every rank;
+    any other exception is a bug and propagates as it is (after every rank agreed to stop).
     """
     try:
         return _save_checkpoint(**kwargs)
-    except Exception as e:  # noqa: BLE001 - any failed write; the cause is in the message
+    except CheckpointSaveError as e:  # another rank failed (see _agree)
+        raise CheckpointSaveError(f"saving checkpoint step_{kwargs['step']} failed: {e}") from e
+    except (OSError, SafetensorError) as e:
         raise CheckpointSaveError(f"saving checkpoint step_{kwargs['step']} failed: "
                                   f"{type(e).__name__}: {e}") from e
 
@@ -185,8 +187,8 @@ def _agree(error: BaseException | None, *, phase: str, device) -> None:
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"{int(failed)} other rank(s) failed while {phase} (their own error "
-                           f"is in their log)")
+        raise CheckpointSaveError(f"{int(failed)} other rank(s) failed while {phase} (their own "
+                                  f"error is in their log)")
 
 
 def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict, resolved: dict,
@@ -201,7 +203,8 @@ def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict
         error = None
         try:
             work()
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _agree
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it (else they hang);
+            # _agree re-raises it unchanged on this rank, so a bug keeps its type and traceback
             error = e
         _agree(error, phase=name, device=device)
 

@@ -30,6 +30,7 @@ from shardfmt import ConcatDataset, GlobalSampler, Sample, TokenDataset, open_so
 from shardfmt.mixing import BlendedSampler, parse_mix, source_names
 from shardfmt.sampler import RankIterator
 from trainer.attention import VARLEN_SDPA, document_bounds
+from trainer.errors import UsageError
 
 IGNORE_INDEX = -100
 FLATTENED_ATTENTION = ("flash_attention_2", VARLEN_SDPA)  # one row per micro-batch, no padding
@@ -183,7 +184,7 @@ def open_sources(tokens: Sequence[str], *, flag: str) -> DataSources:
     sources = [open_source(e.path) for e in entries]
     for e, src in zip(entries, sources):
         if len(src) == 0:
-            raise ValueError(f"{flag} {e.path}: the dataset has no samples")
+            raise UsageError(f"{flag} {e.path}: the dataset has no samples; re-encode it or drop it")
     dataset = sources[0] if len(sources) == 1 else ConcatDataset(sources)
     weights = [e.weight for e in entries] if entries[0].weight is not None else None
     return DataSources(dataset, sources, source_names([e.path for e in entries]), weights)

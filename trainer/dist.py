@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,7 +41,7 @@ def launcher_env() -> tuple[int, int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not 0 <= rank < world:
-        raise RuntimeError(f"launcher environment: RANK={rank} out of range for WORLD_SIZE={world}")
+        raise UsageError(f"launcher environment: RANK={rank} out of range for WORLD_SIZE={world}")
     return rank, local_rank, world
 
 

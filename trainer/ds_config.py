@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.args import BUNDLED_CONFIG_DIR, TrainArgs, deepspeed_config_file
+from trainer.errors import ConfigError
 
 
 def bundled_config_path(zero_stage: int | None) -> Path:
@@ -78,7 +79,7 @@ def resolve_config(raw: dict, path: str, values: dict[str, Any]) -> dict:
         if key in raw and raw[key] != "auto" and raw[key] != values[key]:
             problems.append(f'"{key}": {raw[key]} contradicts the flags ({values[key]}); set it to "auto"')
     if problems:
-        raise ValueError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
     config.setdefault("train_batch_size", values["train_batch_size"])
     config.setdefault("train_micro_batch_size_per_gpu", values["train_micro_batch_size_per_gpu"])
     config.setdefault("gradient_accumulation_steps", values["gradient_accumulation_steps"])
@@ -166,12 +167,12 @@ def _take(section: str, key: str, value: Any, *, flag: str, flag_value: Any, cha
 
 def plan_optimizer(raw: dict, path: str, args: TrainArgs, *, cpu_offload: bool) -> OptimizerPlan:
     """The optimizer from the config's `optimizer` section ("auto" filled from the flags), else
-    from --optimizer. Raises ValueError naming the key and the fix."""
+    from --optimizer. Raises ConfigError naming the key and the fix."""
     section = raw.get("optimizer")
     if section is None:
         name = args.optimizer
         if cpu_offload and name not in ("adamw", "lion"):
-            raise ValueError(f"--optimizer {name} with offload_optimizer in {path}: ZeRO-Offload runs "
+            raise ConfigError(f"--optimizer {name} with offload_optimizer in {path}: ZeRO-Offload runs "
                              f"DeepSpeed's CPU Adam/Lion; use --optimizer adamw or lion, or no offload")
         return OptimizerPlan(name=name, lr=args.learning_rate, betas=_flag_betas(args, name),
                              eps=args.adam_epsilon, weight_decay=args.weight_decay,
@@ -180,7 +181,7 @@ def plan_optimizer(raw: dict, path: str, args: TrainArgs, *, cpu_offload: bool) 
     ds_type = str(section.get("type", ""))
     kind = ds_type.lower()
     if kind not in DS_OPTIMIZERS:
-        raise ValueError(f'--deepspeed_config_path {path}: optimizer.type "{ds_type}" is not supported '
+        raise ConfigError(f'--deepspeed_config_path {path}: optimizer.type "{ds_type}" is not supported '
                          f'here; use one of {", ".join(DS_OPTIMIZERS.values())}, or remove the '
                          f'"optimizer" section and choose with --optimizer {{{",".join(("adamw", "lion"))}}}')
     params = dict(section.get("params") or {})
@@ -210,7 +211,7 @@ def plan_optimizer(raw: dict, path: str, args: TrainArgs, *, cpu_offload: bool) 
     wd = _take(where, "weight_decay", params.get("weight_decay", "auto"), flag="--weight_decay",
                flag_value=args.weight_decay, changed=_changed(args, "weight_decay"), problems=problems)
     if problems:
-        raise ValueError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
     return OptimizerPlan(name=kind, lr=float(lr), betas=(float(betas[0]), float(betas[1])),
                          eps=float(eps), weight_decay=float(wd), cpu_offload=cpu_offload,
                          source=f"{Path(path).name} ({ds_type})")
@@ -237,7 +238,7 @@ def plan_scheduler(raw: dict, path: str, args: TrainArgs, *, total_steps: int,
                              "warmup_steps": warmup, "total_steps": total_steps}, source="--lr_scheduler")
     kind = str(section.get("type", ""))
     if kind not in DS_SCHEDULERS:
-        raise ValueError(f'--deepspeed_config_path {path}: scheduler.type "{kind}" is not supported '
+        raise ConfigError(f'--deepspeed_config_path {path}: scheduler.type "{kind}" is not supported '
                          f'here; use one of {", ".join(DS_SCHEDULERS)}, or remove the "scheduler" '
                          f'section and choose with --lr_scheduler {{{",".join(("constant", "linear", "cosine"))}}}')
     problems: list[str] = []
@@ -272,7 +273,7 @@ def plan_scheduler(raw: dict, path: str, args: TrainArgs, *, total_steps: int,
         else:
             out[key] = params[key]
     if problems:
-        raise ValueError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"--deepspeed_config_path {path}:\n" + "\n".join(f"  - {p}" for p in problems))
     return SchedulerPlan(kind=kind, params=out, source=Path(path).name)
 
 

@@ -36,6 +36,8 @@ import torch
 
 from trainer.checkpoint import DS_DIR, DS_TAG, PROMPT_FORMAT, read_state, resolve_checkpoint
 from trainer.dtypes import PRECISION_DTYPES as DTYPES
+from trainer.errors import (OUR_ERRORS, InputNotFoundError, OutputExistsError, RunError,
+                            UsageError, exit_code)
 
 REPORT = "export_report.json"
 
@@ -49,7 +51,7 @@ def _base_model_path(ckpt: Path, override: str | None) -> str:
                       read_state(ckpt).get("args", {}).get("model_path")):
         if candidate and Path(candidate, "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{ckpt}: cannot find the LoRA base model (adapter_config's "
+    raise InputNotFoundError(f"{ckpt}: cannot find the LoRA base model (adapter_config's "
                             f"base_model_name_or_path and the run's --model_path are gone); "
                             f"pass --base_model PATH")
 
@@ -113,14 +115,14 @@ def quantized_logit_diff(ckpt: Path, merged, *, base_model: str | None, quantiza
 def grow_like_training(base, ckpt: Path, base_path: str, tokenizer) -> None:
     """Resize the LoRA base to the adapter's rows with the run's new-row init (trainer/vocab.py),
     so rows the adapter does not hold are what training started from."""
-    from trainer.model import load_tokenizer
+    from trainer.model import load_training_tokenizer
     from trainer.vocab import resize_like_training
     rows = base.get_input_embeddings().weight.shape[0]
     target = _adapter_vocab_rows(ckpt) or max(rows, len(tokenizer))
     resolved = ckpt / "resolved_config.json"
     resolved = json.loads(resolved.read_text()) if resolved.is_file() else None
     if target > rows:
-        resize_like_training(base, resolved, rows=target, model_tokenizer=load_tokenizer(base_path),
+        resize_like_training(base, resolved, rows=target, model_tokenizer=load_training_tokenizer(base_path),
                              tokenizer=tokenizer)
     elif target < rows:
         base.resize_token_embeddings(target, mean_resizing=False)
@@ -132,17 +134,17 @@ def _adapter_vocab_rows(ckpt: Path) -> int | None:
     return json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
 
 
-def from_zero(ckpt: Path, *, dtype: torch.dtype):
+def load_from_zero(ckpt: Path, *, dtype: torch.dtype):
     """Reassemble full fp32 weights from a ZeRO-2/3 engine checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ds_dir = ckpt / DS_DIR
     if not (ds_dir / DS_TAG).is_dir():
-        raise FileNotFoundError(f"{ckpt}: no DeepSpeed engine checkpoint in {ds_dir}/{DS_TAG} "
+        raise InputNotFoundError(f"{ckpt}: no DeepSpeed engine checkpoint in {ds_dir}/{DS_TAG} "
                                 f"(train with --save_optimizer to keep one)")
     if (ckpt / "adapter_config.json").is_file():
-        raise ValueError(f"{ckpt}: a LoRA run's engine checkpoint holds only the adapter; export "
+        raise UsageError(f"{ckpt}: a LoRA run's engine checkpoint holds only the adapter; export "
                          f"the adapter instead (drop --from_zero)")
     config_dir = ckpt if (ckpt / "config.json").is_file() else \
         read_state(ckpt)["args"]["model_path"]
@@ -154,7 +156,7 @@ def from_zero(ckpt: Path, *, dtype: torch.dtype):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{ckpt}: ZeRO weights do not fit the model config (missing "
+        raise UsageError(f"{ckpt}: ZeRO weights do not fit the model config (missing "
                          f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     return model.to(dtype), AutoTokenizer.from_pretrained(ckpt)
@@ -167,18 +169,18 @@ def full_model(ckpt: Path, *, dtype: torch.dtype):
 
 
 def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None = None,
-           dtype: str = "fp32", use_zero: bool = False, overwrite: bool = False) -> Path:
+           dtype: str = "fp32", from_zero: bool = False, overwrite: bool = False) -> Path:
     """Write `output/` (model + tokenizer + prompt format) from a checkpoint or run directory."""
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint, flag="--checkpoint")
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite")
+        raise OutputExistsError(f"--output {out} exists and is not empty; pass --overwrite")
     torch_dtype = DTYPES[dtype]
     report: dict | None = None
-    if use_zero or not any((ckpt / n).is_file() for n in ("model.safetensors",
+    if from_zero or not any((ckpt / n).is_file() for n in ("model.safetensors",
                                                          "adapter_config.json",
                                                          "model.safetensors.index.json")):
-        model, tokenizer = from_zero(ckpt, dtype=torch_dtype)
+        model, tokenizer = load_from_zero(ckpt, dtype=torch_dtype)
     elif (ckpt / "adapter_config.json").is_file():
         model, tokenizer = merge_lora(ckpt, base_model=base_model, dtype=torch_dtype)
         run = _run_args(ckpt)
@@ -191,6 +193,17 @@ def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None
     else:
         model, tokenizer = full_model(ckpt, dtype=torch_dtype)
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        _write_export(tmp, out, model, tokenizer, ckpt=ckpt, report=report)
+    except OSError as e:  # disk full, unwritable: the output is left absent, never half written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"--output {out}: writing the export failed ({type(e).__name__}: {e}); "
+                       f"nothing was written there. Free space or pick another --output") from e
+    return out
+
+
+def _write_export(tmp: Path, out: Path, model, tokenizer, *, ckpt: Path, report: dict | None) -> None:
+    """Everything into `tmp`, checked by loading it back, then renamed onto `out`."""
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -202,7 +215,6 @@ def export(checkpoint: str | Path, output: str | Path, *, base_model: str | None
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
 
 
 def _check_loads(path: Path, model) -> None:
@@ -212,7 +224,7 @@ def _check_loads(path: Path, model) -> None:
     want = model.state_dict()
     for name, tensor in again.state_dict().items():
         if not torch.equal(tensor, want[name]):
-            raise RuntimeError(f"{path}: exported tensor {name} differs after reloading")
+            raise RunError(f"{path}: exported tensor {name} differs after reloading (a transformers/safetensors round-trip problem; the export was not published)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = export(args.checkpoint, args.output, base_model=args.base_model, dtype=args.dtype,
-                     use_zero=args.from_zero, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"export: {err}", file=sys.stderr)
-        return 1
+                     from_zero=args.from_zero, overwrite=args.overwrite)
+    except OUR_ERRORS as err:  # 2: bad checkpoint/flags, 1: the export failed; a bug: traceback
+        print(f"export: error: {err}", file=sys.stderr)
+        return exit_code(err)
     if (out / REPORT).is_file():
         report = json.loads((out / REPORT).read_text())
         print(f"{report['quantization']} adapter merged into the unquantised base "

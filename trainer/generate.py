@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from trainer.errors import OUR_ERRORS, InputNotFoundError, UsageError, exit_code
 from trainer.export import PROMPT_FORMAT
 
 
@@ -41,7 +42,36 @@ def load_prompt_format(*dirs: Path | None, template: str | None) -> dict:
     return {"encode_type": "pretrain", "template": None}  # a pretrain model: plain continuation
 
 
-def load_model(model_dir: Path, adapter_dir: Path | None):
+def check_inputs(model_dir: Path, adapter_dir: Path | None, prompts_file: str | None) -> None:
+    """Every missing input at once, each naming its flag (before any model loads)."""
+    problems = []
+    if not (model_dir / "config.json").is_file():
+        problems.append(f"--model {model_dir}: no config.json there (expected a Hugging Face model "
+                        f"dir: an export, or a full-weights checkpoint)")
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        problems.append(f"--adapter {adapter_dir}: no adapter_config.json there (expected a LoRA "
+                        f"checkpoint dir, checkpoints/step_N)")
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        problems.append(f"--prompts_file {prompts_file}: file not found")
+    if problems:
+        raise InputNotFoundError("; ".join(problems))
+
+
+def read_prompt_rows(path: str) -> list[dict]:
+    """--prompts_file rows; a line that is not JSON is refused naming the file and line."""
+    rows = []
+    for k, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--prompts_file {path}: line {k} is not JSON ({e}); one "
+                             f"{{\"q\": ...}} or {{\"messages\": [...]}} object per line") from e
+    return rows
+
+
+def load_model_for_generation(model_dir: Path, adapter_dir: Path | None):
     """Model (+ LoRA adapter on a base resized like in training) and the matching tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,13 +89,19 @@ def load_model(model_dir: Path, adapter_dir: Path | None):
 
 
 def make_prompt_encoder(tokenizer, tok_dir: Path, fmt: dict):
+    """The training data's prompt encoder; a template this tokenizer cannot use is a UsageError."""
     from encoder.document_encoder import DocumentEncoder, EncoderSpec
+    from encoder.errors import TemplateError
     recorded = ((fmt.get("special_tokens") or {}).get("template") or {})
     chat_template = recorded.get("chat_template") if fmt["template"] == "chat" else None
     spec = EncoderSpec(str(tok_dir), fmt.get("encode_type", "qa"), int(fmt.get("max_length", 1 << 20)),
                        template=fmt["template"], chat_template=chat_template,
                        chat_template_source=recorded.get("source"))
-    return DocumentEncoder(spec, tokenizer=tokenizer)
+    try:
+        return DocumentEncoder(spec, tokenizer=tokenizer)
+    except TemplateError as e:
+        raise UsageError(f"template {fmt['template']!r} cannot be used with the tokenizer in "
+                         f"{tok_dir}: {e}; pass --template NAME to pick another") from e
 
 
 def row_messages(row: dict | str, system: str | None = None) -> tuple[list[dict], str | None]:
@@ -116,7 +152,7 @@ def generate_one(model, tokenizer, encoder, messages: list[dict], *, max_new_tok
     return tokenizer.decode(new, skip_special_tokens=True), prompt
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model dir (exported, or a full checkpoint)")
@@ -131,34 +167,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", help="--prompts_file: write results as JSONL here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 ok, 2 bad input or usage (argparse exits 2 itself), 1 the run failed; a bug: traceback."""
+    from encoder.errors import EncoderError
+    from encoder.errors import exit_code as encoder_exit_code
+    args = build_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except OUR_ERRORS as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return exit_code(err)
+    except EncoderError as err:  # prompts are formatted by the encoder (its row/template checks)
+        print(f"generate: {err}", file=sys.stderr)
+        return encoder_exit_code(err)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from encoder.templates import TEMPLATE_NAMES
     torch.manual_seed(args.seed)
     model_dir = Path(args.model)
     adapter_dir = Path(args.adapter) if args.adapter else None
-    from encoder.templates import TEMPLATE_NAMES
     if args.template is not None and args.template not in TEMPLATE_NAMES:  # before any loading
-        print(f"generate: --template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}",
-              file=sys.stderr)
-        return 2
-    try:
-        fmt = load_prompt_format(adapter_dir, model_dir, template=args.template)
-        model, tokenizer, tok_dir = load_model(model_dir, adapter_dir)
-        # TemplateError (a ValueError) for a bad --template: one line, exit 2
-        encoder = make_prompt_encoder(tokenizer, tok_dir, fmt) if fmt["template"] else None
-    except (FileNotFoundError, OSError, ValueError) as err:
-        print(f"generate: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}")
+    check_inputs(model_dir, adapter_dir, args.prompts_file)
+    rows = read_prompt_rows(args.prompts_file) if args.prompts_file else None
+    fmt = load_prompt_format(adapter_dir, model_dir, template=args.template)
+    model, tokenizer, tok_dir = load_model_for_generation(model_dir, adapter_dir)
+    encoder = make_prompt_encoder(tokenizer, tok_dir, fmt) if fmt["template"] else None
     if encoder is None:
         print(f"generate: no {PROMPT_FORMAT} in {args.adapter or args.model} (a pretrain model): "
               f"continuing the prompts as plain text; pass --template NAME for a chat/qa model",
               file=sys.stderr)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    if args.prompts_file:
-        rows = [json.loads(line) for line in Path(args.prompts_file).read_text().splitlines()
-                if line.strip()]
+    if rows is not None:
         results = []
-        for row in rows:
-            messages, expected = row_messages(row, args.system)
+        for k, row in enumerate(rows, start=1):
+            try:
+                messages, expected = row_messages(row, args.system)
+            except (KeyError, TypeError, ValueError) as e:  # the row's shape, not our code
+                raise UsageError(f"--prompts_file {args.prompts_file}: row {k}: {e!r}; expected "
+                                 f"{{'q', 'a'?, 'system'?}} or {{'messages': [...]}}") from e
             text, _ = generate_one(model, tokenizer, encoder, messages, stream=False, **gen)
             results.append({"prompt": messages[-1]["content"], "expected": expected,
                             "generated": text})

@@ -28,14 +28,12 @@ from collections import defaultdict
 
 import torch
 
+from trainer.errors import LoraTargetError
+
 log = logging.getLogger("trainer")
 
 ALL_LINEAR = "all-linear"
 DEFAULT_DROPOUT = 0.05
-
-
-class LoraTargetError(ValueError):
-    """target_modules in --lora_config_path names nothing the model has."""
 
 
 def _linear_classes() -> tuple[type, ...]:

@@ -12,6 +12,7 @@ import torch
 from shardfmt import vocab_hash
 from trainer.attention import VARLEN_SDPA, register_varlen_sdpa
 from trainer.dtypes import PRECISION_DTYPES
+from trainer.errors import DataModelMismatch, UsageError
 from trainer.families import VARLEN_MODEL_TYPES
 
 log = logging.getLogger("trainer")
@@ -20,10 +21,6 @@ log = logging.getLogger("trainer")
 # output layer; lora_dropout: 0.05, or 0 where MoE experts are adapted, which peft requires)
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": None, "target_modules": None,
                 "modules_to_save": None}
-
-
-class DataModelMismatch(ValueError):
-    """The dataset does not fit the model/tokenizer (raised before step 1)."""
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -59,11 +56,11 @@ def resolve_attn_implementation(requested: str, model) -> str:
     name = cls.__name__ if cls is not None else repr(model_type)
     sdpa_ok = cls is None or bool(getattr(cls, "_supports_sdpa", False))
     if requested == VARLEN_SDPA and model_type not in VARLEN_MODEL_TYPES:
-        raise ValueError(f"--attn_implementation sdpa_varlen: not checked for model_type "
+        raise UsageError(f"--attn_implementation sdpa_varlen: not checked for model_type "
                          f"{model_type!r} (only {', '.join(sorted(VARLEN_MODEL_TYPES))}); use "
                          f"--attn_implementation auto or sdpa")
     if requested in ("sdpa", VARLEN_SDPA) and not sdpa_ok:
-        raise ValueError(f"--attn_implementation {requested}: {name} does not support sdpa "
+        raise UsageError(f"--attn_implementation {requested}: {name} does not support sdpa "
                          f"(transformers' _supports_sdpa is False); use --attn_implementation "
                          f"auto or eager")
     if requested != "auto":
@@ -83,7 +80,17 @@ def resolve_attn_implementation(requested: str, model) -> str:
     return choice
 
 
-def load_tokenizer(path: str | Path):
+def load_model_config(path: str | Path):
+    """The model's AutoConfig; a directory transformers cannot read is a UsageError naming it."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a loadable Hugging Face model config ({e}); point "
+                         f"--model_path at a directory with a valid config.json") from e
+
+
+def load_training_tokenizer(path: str | Path):
     """The tokenizer saved beside the model, or None (warned) when there is none (--from_scratch)."""
     from transformers import AutoTokenizer
     try:
@@ -179,8 +186,8 @@ def check_data_fits_model(*, max_token_id: int, max_length: int, embedding_rows:
             f"--rope_scaling yarn --rope_factor {-(-max_length // max_positions)}.")
 
 
-def load_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype, attn_implementation: str,
-               config=None, load_kwargs: dict | None = None):
+def load_training_model(model_path: str, *, from_scratch: bool, dtype: torch.dtype,
+                        attn_implementation: str, config=None, load_kwargs: dict | None = None):
     """AutoModelForCausalLM from weights, or random init from config (--from_scratch).
 
     `config`: a modified config to load with (--rope_scaling); `load_kwargs`: extra

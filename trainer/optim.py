@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from trainer.errors import ConfigError
+
 
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit",
                   "lion8bit": "Lion8bit"}
@@ -74,7 +76,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
         betas = betas or ((0.9, 0.99) if name == "lion8bit" else (0.9, 0.95))
         extra = {} if name == "lion8bit" else {"eps": eps}
         return cls(groups, lr=lr, betas=betas, **extra)
-    raise ValueError(f"--optimizer {name!r}: expected adamw, lion or {', '.join(BNB_OPTIMIZERS)}")
+    raise ConfigError(f"--optimizer {name!r}: expected adamw, lion or {', '.join(BNB_OPTIMIZERS)}")
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from shardfmt.preference import is_preference, pair_counts, split_pairs
 from trainer.data import IGNORE_INDEX, RankSampler, collate
+from trainer.errors import UsageError
 
 log = logging.getLogger("trainer")
 
@@ -177,7 +178,7 @@ class PairSource(torch.utils.data.Dataset):
         self.pair_start = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         self.num_pairs = int(self.pair_start[-1])
         if ref_logps is not None and len(ref_logps) != self.num_pairs:
-            raise ValueError(f"reference log-probs for {len(ref_logps)} pairs, the dataset has "
+            raise UsageError(f"reference log-probs for {len(ref_logps)} pairs, the dataset has "
                              f"{self.num_pairs}")
         self.ref_logps = ref_logps
 
@@ -328,11 +329,11 @@ def save_reference_file(path: Path, logps: np.ndarray, meta: dict) -> None:
 
 def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_pairs: int,
                         ref_model_path: str) -> np.ndarray:
-    """The precomputed log-probs, refused (ValueError naming the file and the fix) if they were
+    """The precomputed log-probs, refused (UsageError naming the file and the fix) if they were
     computed for another dataset, another reference model or another pair count."""
     import json
     if not path.is_file():
-        raise ValueError(f"--precomputed_ref_logps: {path} not found; compute it with "
+        raise UsageError(f"--precomputed_ref_logps: {path} not found; compute it with "
                          f"`python -m trainer.reference_logps --model_path {ref_model_path} "
                          f"--data_path {path.parent}`")
     with np.load(path, allow_pickle=False) as z:
@@ -340,13 +341,13 @@ def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_p
     fix = (f"recompute it: python -m trainer.reference_logps --model_path {ref_model_path} "
            f"--data_path {path.parent} --overwrite")
     if meta.get("dataset_hash") != dataset_hash:
-        raise ValueError(f"{path}: computed for another dataset (hash {meta.get('dataset_hash')}, "
+        raise UsageError(f"{path}: computed for another dataset (hash {meta.get('dataset_hash')}, "
                          f"this one is {dataset_hash}); {fix}")
     if meta.get("model_hash") != model_hash:
-        raise ValueError(f"{path}: computed with another reference model ({meta.get('model_path')}, "
+        raise UsageError(f"{path}: computed with another reference model ({meta.get('model_path')}, "
                          f"hash {meta.get('model_hash')}; {ref_model_path} is {model_hash}); {fix}")
     if logps.shape != (num_pairs, 2):
-        raise ValueError(f"{path}: holds {logps.shape} values for {num_pairs} pairs; {fix}")
+        raise UsageError(f"{path}: holds {logps.shape} values for {num_pairs} pairs; {fix}")
     return logps
 
 
@@ -359,7 +360,7 @@ def check_datasets(objective: str, sources: dict[str, list]) -> None:
             manifests = ds.manifests
             if not manifests:   # Megatron data: plain sequences, no manifest, no pairs
                 if objective != "sft":
-                    raise ValueError(f"{flag} {' '.join(ds.paths)}: a {ds.kind} dataset of plain "
+                    raise UsageError(f"{flag} {' '.join(ds.paths)}: a {ds.kind} dataset of plain "
                                      f"sequences, but --objective {objective} needs preference "
                                      f"pairs in every source (encode with --encode_type "
                                      f"preference); mixing pair and non-pair data is not "
@@ -369,12 +370,12 @@ def check_datasets(objective: str, sources: dict[str, list]) -> None:
             for path, m in zip(ds.paths, manifests):
                 pairs = is_preference(m)
                 if objective == "sft" and pairs:
-                    raise ValueError(f"{flag} {path}: a preference (pair) dataset; train it with "
+                    raise UsageError(f"{flag} {path}: a preference (pair) dataset; train it with "
                                      f"--objective dpo|ipo|orpo|simpo (add --sft_weight for an NLL "
                                      f"term on chosen), or encode the data as qa/chat for SFT; "
                                      f"pair and non-pair data cannot be mixed in one run")
                 if objective != "sft" and not pairs:
-                    raise ValueError(f"{flag} {path}: encode_type {m.get('encode_type')!r}, but "
+                    raise UsageError(f"{flag} {path}: encode_type {m.get('encode_type')!r}, but "
                                      f"--objective {objective} needs preference pairs in every "
                                      f"source (encode with --encode_type preference); mixing pair "
                                      f"and non-pair data is not supported: train SFT data in its "
@@ -441,7 +442,7 @@ class PreferenceRun:
             from transformers import AutoConfig
             ref_rows = getattr(AutoConfig.from_pretrained(self.ref_model_path), "vocab_size", None)
             if ref_rows is not None and ref_rows < rows_needed:
-                raise ValueError(
+                raise UsageError(
                     f"--precomputed_ref_logps with a vocabulary that grows to {rows_needed} tokens "
                     f"(--add_tokens or the data's added tokens): the file was computed by "
                     f"{self.ref_model_path} ({ref_rows} rows) without the new rows, so its "
@@ -451,13 +452,13 @@ class PreferenceRun:
         if use_lora and not self.args.ref_model_path:
             self.use_adapter_off = True   # peft keeps the new rows' start (trainable tokens /
             return                        # modules_to_save hold the trained copy)
-        from trainer.model import embedding_rows, load_model
-        ref = load_model(self.ref_model_path, from_scratch=False, dtype=self.dtype,
-                         attn_implementation=self.attn)
+        from trainer.model import embedding_rows, load_training_model
+        ref = load_training_model(self.ref_model_path, from_scratch=False, dtype=self.dtype,
+                                  attn_implementation=self.attn)
         if embedding_rows(ref) < rows_needed:
             if self.args.ref_model_path and not _same_model(self.args.ref_model_path,
                                                             self.args.model_path):
-                raise ValueError(
+                raise UsageError(
                     f"--ref_model_path {self.args.ref_model_path} has {embedding_rows(ref)} token "
                     f"rows but the training vocabulary grows to {rows_needed} (--add_tokens or "
                     f"the data's added tokens), and its new rows could not start as the policy's "
@@ -494,7 +495,7 @@ class PreferenceRun:
             else:
                 logits = self.ref_model(**inputs).logits
                 if logits.shape[-1] != vocab:  # another softmax: the log-probs would not compare
-                    raise ValueError(f"the reference model {self.ref_model_path} has "
+                    raise UsageError(f"the reference model {self.ref_model_path} has "
                                      f"{logits.shape[-1]} output rows, the policy {vocab}; pass a "
                                      f"--ref_model_path with the policy's vocabulary")
             sums, _ = logps_from_logits(logits, batch)
@@ -623,7 +624,7 @@ def _same_model(a: str, b: str) -> bool:
 def _adapters_disabled(model) -> Iterator[None]:
     """peft's `disable_adapter()`: the base model's forward, same parameters, no copy."""
     if not hasattr(model, "disable_adapter"):
-        raise ValueError("the reference is 'the policy without its adapters', but the model has no "
+        raise UsageError("the reference is 'the policy without its adapters', but the model has no "
                          "LoRA adapters; pass --ref_model_path")
     with model.disable_adapter():
         yield

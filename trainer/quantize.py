@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from trainer.errors import UsageError
+
 log = logging.getLogger("trainer")
 
 ZERO3_REFUSAL = ("ZeRO-3 partitions every parameter, and bitsandbytes' packed quantised weights keep "
@@ -34,7 +36,7 @@ def bnb_config(kind: str, compute_dtype: torch.dtype):
                                   bnb_4bit_compute_dtype=compute_dtype)
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"--quantization {kind!r}: expected 4bit or 8bit")
+    raise UsageError(f"--quantization {kind!r}: expected 4bit or 8bit")
 
 
 def load_kwargs(kind: str | None, compute_dtype: torch.dtype, device: torch.device) -> dict:

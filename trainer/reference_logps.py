@@ -20,6 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.args import ATTN_IMPLEMENTATIONS, PRECISIONS  # noqa: E402
+from trainer.errors import OUR_ERRORS, RunError, UsageError, exit_code  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +58,13 @@ def compute(model, dataset, *, micro_batch_size: int, attn: str, flatten: bool, 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from shardfmt import IncompleteDatasetError, open_dataset
+def check_inputs(args: argparse.Namespace) -> list:
+    """[(dataset dir, opened dataset)] for every --data_path; every problem at once as one
+    UsageError, each naming its flag and the fix."""
+    from shardfmt import open_dataset
+    from shardfmt.errors import ShardfmtError
     from shardfmt.preference import is_preference
-    from trainer.preference import (REF_LOGPS_FILE, dataset_fingerprint, model_fingerprint,
-                                    save_reference_file)
+    from trainer.preference import REF_LOGPS_FILE
     problems = []
     if not (Path(args.model_path) / "config.json").is_file():
         problems.append(f"--model_path {args.model_path}: no config.json there")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.data_path:
         try:
             ds = open_dataset(d)
-        except (IncompleteDatasetError, FileNotFoundError, ValueError) as e:
+        except ShardfmtError as e:
             problems.append(f"--data_path {d}: {e}")
             continue
         if not is_preference(ds.manifest):
@@ -82,21 +84,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.micro_batch_size < 1:
         problems.append("--micro_batch_size must be >= 1")
     if problems:
-        print("reference_logps: " + "\n  ".join(["bad input:"] + problems), file=sys.stderr)
-        return 2
+        raise UsageError("\n  ".join(["bad input:"] + problems))
+    return datasets
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 ok, 2 bad input or usage (argparse exits 2 itself), 1 the run failed; a bug: traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        _compute_all(args, check_inputs(args))
+    except OUR_ERRORS as err:
+        print(f"reference_logps: {err}", file=sys.stderr)
+        return exit_code(err)
+    return 0
+
+
+def _compute_all(args: argparse.Namespace, datasets: list) -> None:
     import torch
 
     from trainer import model as mdl
     from trainer.data import FLATTENED_ATTENTION
-    from transformers import AutoConfig
+    from trainer.preference import (REF_LOGPS_FILE, dataset_fingerprint, model_fingerprint,
+                                    save_reference_file)
     started = time.time()
     dtype = mdl.resolve_precision(args.precision)
     attn = mdl.resolve_attn_implementation(args.attn_implementation, getattr(
-        AutoConfig.from_pretrained(args.model_path), "model_type", None))
-    model = mdl.load_model(args.model_path, from_scratch=False, dtype=dtype,
-                           attn_implementation=attn)
+        mdl.load_model_config(args.model_path), "model_type", None))
+    model = mdl.load_training_model(args.model_path, from_scratch=False, dtype=dtype,
+                                    attn_implementation=attn)
     model.eval()
-    tok = mdl.load_tokenizer(args.model_path)
+    tok = mdl.load_training_tokenizer(args.model_path)
     pad_id = 0 if tok is None or tok.pad_token_id is None else int(tok.pad_token_id)
     model_hash = model_fingerprint(args.model_path)
     device = torch.device("cpu")
@@ -107,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"dataset_hash": dataset_fingerprint(ds.manifest), "model_hash": model_hash,
                 "model_path": str(args.model_path), "precision": str(dtype).replace("torch.", ""),
                 "attn_implementation": attn, "pairs": int(len(logps))}
-        save_reference_file(path / REF_LOGPS_FILE, logps, meta)
+        try:
+            save_reference_file(path / REF_LOGPS_FILE, logps, meta)
+        except OSError as e:  # disk full, read-only dataset dir
+            raise RunError(f"{path / REF_LOGPS_FILE}: writing failed ({type(e).__name__}: {e}); "
+                           f"free space or make {path} writable, then rerun") from e
         print(f"wrote {path / REF_LOGPS_FILE}: {len(logps)} pairs")
     print(f"done in {time.time() - started:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":

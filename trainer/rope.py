@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import copy
 
+from trainer.errors import RopeScalingError
+
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
-
-
-class RopeScalingError(ValueError):
-    """--rope_scaling on a model it cannot apply to."""
 
 
 def _rope_dicts(config) -> list[dict]:

@@ -22,13 +22,11 @@ from contextlib import nullcontext
 
 import torch
 
+from trainer.errors import UsageError, VocabMismatch  # noqa: F401 - VocabMismatch re-exported
+
 log = logging.getLogger("trainer")
 
 SHOW_DIFFERENCES = 5  # differing tokens shown when a tokenizer does not extend the model's
-
-
-class VocabMismatch(ValueError):
-    """The data tokenizer does not extend the model's tokenizer (base ids moved)."""
 
 
 def check_extends(model_tokenizer, tokenizer, *, model_path: str, tokenizer_path: str) -> None:
@@ -50,7 +48,7 @@ def check_extends(model_tokenizer, tokenizer, *, model_path: str, tokenizer_path
 def resolve_init(requested: str, model_tokenizer) -> tuple[str, str]:
     """(init, why). auto: decompose when the model's own tokenizer is known, else mean."""
     if requested == "decompose" and model_tokenizer is None:
-        raise ValueError("--new_token_init decompose needs the model's original tokenizer (none "
+        raise UsageError("--new_token_init decompose needs the model's original tokenizer (none "
                          "loads from --model_path); use --new_token_init mean")
     if requested != "auto":
         return requested, f"--new_token_init {requested}"
@@ -246,11 +244,11 @@ def plan_vocab(*, model_path: str, tokenizer_path: str | None, tokenizer, tokeni
     """Check --tokenizer_path against the model's tokenizer and choose the new-row init.
 
     `tokenizer` is the training tokenizer as loaded (before manifest/--add_tokens additions)."""
-    from trainer.model import load_tokenizer
+    from trainer.model import load_training_tokenizer
     if tokenizer is None:
         return VocabPlan(None, model_vocab_size or 0, "none", "no tokenizer", tokenizer_source)
     same = tokenizer_source == str(model_path)
-    model_tok = tokenizer if same else load_tokenizer(model_path)
+    model_tok = tokenizer if same else load_training_tokenizer(model_path)
     if model_tok is not None and not same and not from_scratch:
         check_extends(model_tok, tokenizer, model_path=str(model_path),
                       tokenizer_path=str(tokenizer_path or tokenizer_source))

@@ -3,7 +3,7 @@
 path the trainer uses, the fused head, and (slow) the training matrix (full, LoRA) x packed data:
 loss falls, the checkpoint reloads, export merges, generate runs.
 
-The matrix runs the trainer in this process (trainer.train.Trainer), one tiny model per family
+The matrix runs the trainer in this process (trainer.recipe.Trainer), one tiny model per family
 shared by the full and the LoRA run; `pytest -s` prints the table of what each family ran.
 """
 
@@ -185,7 +185,7 @@ def _write_data(root, tokenizer):
 def run_in_process(argv: list[str]):
     """trainer/train.py's Trainer in this process (1 rank); returns (trainer, final state)."""
     from trainer.args import parse_and_validate
-    from trainer.train import Trainer
+    from trainer.recipe import Trainer
     trainer = Trainer(parse_and_validate(argv))
     return trainer, trainer.run()
 
@@ -211,7 +211,7 @@ def test_family_trains_full_and_lora(model_type, matrix_data, llama2_tokenizer, 
     from transformers import AutoModelForCausalLM
 
     from trainer.export import export
-    from trainer.generate import load_model as load_for_generation
+    from trainer.generate import load_model_for_generation as load_for_generation
     from trainer.lora import wrapped_modules
     root, data = matrix_data
     model_dir = tmp_path / "model"

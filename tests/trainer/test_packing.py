@@ -25,7 +25,7 @@ def _load(model_dir, impl):
     from transformers import AutoModelForCausalLM
 
     from trainer.attention import register_varlen_sdpa
-    register_varlen_sdpa()  # what trainer.model.load_model does for sdpa_varlen
+    register_varlen_sdpa()  # what trainer.model.load_training_model does for sdpa_varlen
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                 attn_implementation=impl)

@@ -29,7 +29,7 @@ def qassets(tmp_path_factory):
 
 def _run(argv):
     from trainer.args import parse_and_validate
-    from trainer.train import Trainer
+    from trainer.recipe import Trainer
     trainer = Trainer(parse_and_validate(argv))
     return trainer, trainer.run()
 

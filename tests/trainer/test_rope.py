@@ -89,7 +89,7 @@ def test_yarn_x4_trains_on_1024_token_samples(long_assets, tmp_path):
 
     from trainer.export import export
     from trainer.args import parse_and_validate
-    from trainer.train import Trainer
+    from trainer.recipe import Trainer
     for mode in ("full", "lora"):
         extra = ["--use_lora"] if mode == "lora" else []
         trainer = Trainer(parse_and_validate(_args(long_assets, tmp_path / mode, "--rope_scaling",

@@ -57,11 +57,12 @@ def test_glaive_encodes_trains_and_generates(tmp_path, capsys):
     losses = [h["loss"] for h in state["loss_history"]]
     assert len(losses) == 3 and all(l == l and l > 0 for l in losses), proc.stdout[-2000:]
 
-    from trainer.generate import generate_one, load_model, load_prompt_format, make_prompt_encoder
+    from trainer.generate import (generate_one, load_model_for_generation, load_prompt_format,
+                                  make_prompt_encoder)
     from trainer.generate import row_messages
     fmt = load_prompt_format(ckpt, template=None)
     assert fmt["template"] == "chat"
-    model, tokenizer, tok_dir = load_model(ckpt, None)
+    model, tokenizer, tok_dir = load_model_for_generation(ckpt, None)
     encoder = make_prompt_encoder(tokenizer, tok_dir, fmt)
     record = json.loads(GLAIVE["en"].read_text())[0]
     tools = json.loads(record["tools"])
