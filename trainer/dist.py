@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
@@ -29,15 +30,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def lone_process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The launcher variables a lone `python trainer/train.py` lacks ({} under deepspeed/torchrun).
+
+    DeepSpeed's engine reads LOCAL_RANK (and torch's env:// rendezvous the rest) from the process
+    environment, so a lone process needs them too; only a command's main() applies them.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return {}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+            "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": environ.get("MASTER_PORT", str(_free_port()))}
+
+
 def launcher_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from RANK/LOCAL_RANK/WORLD_SIZE; a lone process is 0/0/1.
+    """(rank, local_rank, world_size) from RANK/LOCAL_RANK/WORLD_SIZE.
 
     Never derived from the number of local devices (that breaks on a second node).
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    missing = [v for v in LAUNCHER_VARS if v not in os.environ and v != "LOCAL_RANK"]
+    if missing:
+        raise UsageError(f"launcher environment: {', '.join(missing)} not set: start the trainer "
+                         "with deepspeed/torchrun, or through trainer/train.py's main(), which sets "
+                         "them for a lone process (trainer.dist.lone_process_env)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not 0 <= rank < world:

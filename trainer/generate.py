@@ -28,7 +28,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from trainer.errors import OUR_ERRORS, InputNotFoundError, UsageError, exit_code
+from shardfmt.writer import write_text_atomic
+from trainer.errors import OUR_ERRORS, InputNotFoundError, RunError, UsageError, exit_code
 from trainer.export import PROMPT_FORMAT
 
 
@@ -185,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         return encoder_exit_code(err)
 
 
+def _write_results(path: Path, results: list[dict]) -> None:
+    """--output as JSONL, whole or not at all (a full disk leaves no half-written file)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise RunError(f"--output {path}: could not write the {len(results)} results ({e}); the "
+                       f"generations were printed above; free space or pick another path") from e
+
+
 def _generate(args: argparse.Namespace) -> int:
     from encoder.templates import TEMPLATE_NAMES
     torch.manual_seed(args.seed)
@@ -215,8 +226,7 @@ def _generate(args: argparse.Namespace) -> int:
                             "generated": text})
             print(json.dumps(results[-1], ensure_ascii=False), flush=True)
         if args.output:
-            Path(args.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                 for r in results))
+            _write_results(Path(args.output), results)
         return 0
     prompts = args.prompt or iter(lambda: input("\nprompt> "), "")
     try:

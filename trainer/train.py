@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_resolved(args.to_dict(), title=f"trainer: resolved flags ({source}):"),
               file=sys.stderr, flush=True)
     from trainer.recipe import Trainer  # torch, transformers, DeepSpeed: after the flags passed
+    from trainer.dist import lone_process_env
+    os.environ.update(lone_process_env(os.environ))  # a lone process: DeepSpeed reads these
     try:
         trainer = Trainer(args)
     except OUR_ERRORS as e:

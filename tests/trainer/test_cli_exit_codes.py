@@ -32,9 +32,16 @@ def train_argv(assets, out, *extra: str) -> list[str]:
 
 @pytest.fixture
 def train_main(monkeypatch):
-    """trainer.train.main without the process-wide console/logging set-up."""
+    """trainer.train.main without the process-wide console/logging set-up; the launcher variables
+    main() sets for a lone process are restored after the test (monkeypatch)."""
+    import os
+
     import trainer.console
     import trainer.train
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # recorded: undone after the test
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     monkeypatch.setattr(trainer.console, "install", lambda **_: None)
     monkeypatch.setattr(trainer.train, "_setup_logging", lambda: None)
     return trainer.train.main
@@ -148,6 +155,13 @@ def test_generate_codes(trained, tmp_path, monkeypatch, capsys):
     prompts.write_text('{"q": "w1 w2"}\n{not json}\n')
     assert main(["--model", str(ckpt), "--prompts_file", str(prompts)]) == 2
     assert f"--prompts_file {prompts}: line 2 is not JSON" in capsys.readouterr().err
+    prompts.write_text('{"q": "w1 w2"}\n')
+    out = tmp_path / "gen.jsonl"
+    monkeypatch.setattr(trainer.generate, "write_text_atomic", fail_disk)  # a full disk: the run failed
+    assert main(["--model", str(ckpt), "--prompts_file", str(prompts), "--output", str(out),
+                 "--max_new_tokens", "2"]) == 1
+    assert f"--output {out}: could not write the 1 results" in capsys.readouterr().err
+    assert not out.exists()
     monkeypatch.setattr(trainer.generate, "load_model_for_generation", internal_bug)
     with pytest.raises(KeyError, match="an internal bug"):
         main(["--model", str(ckpt), "--prompt", "w1"])

@@ -184,10 +184,8 @@ def _write_data(root, tokenizer):
 
 def run_in_process(argv: list[str]):
     """trainer/train.py's Trainer in this process (1 rank); returns (trainer, final state)."""
-    from trainer.args import parse_and_validate
-    from trainer.recipe import Trainer
-    trainer = Trainer(parse_and_validate(argv))
-    return trainer, trainer.run()
+    from trainer_testlib import train_in_process
+    return train_in_process(argv)
 
 
 def _logits(model, ids):

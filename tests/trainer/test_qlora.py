@@ -28,10 +28,8 @@ def qassets(tmp_path_factory):
 
 
 def _run(argv):
-    from trainer.args import parse_and_validate
-    from trainer.recipe import Trainer
-    trainer = Trainer(parse_and_validate(argv))
-    return trainer, trainer.run()
+    from trainer_testlib import train_in_process
+    return train_in_process(argv)
 
 
 def _adapter(ckpt):

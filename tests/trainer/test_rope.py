@@ -88,14 +88,12 @@ def test_yarn_x4_trains_on_1024_token_samples(long_assets, tmp_path):
     from transformers import AutoConfig
 
     from trainer.export import export
-    from trainer.args import parse_and_validate
-    from trainer.recipe import Trainer
+    from trainer_testlib import train_in_process
     for mode in ("full", "lora"):
         extra = ["--use_lora"] if mode == "lora" else []
-        trainer = Trainer(parse_and_validate(_args(long_assets, tmp_path / mode, "--rope_scaling",
-                                                   "yarn", "--rope_factor", "4", *extra)))
+        trainer, state = train_in_process(_args(long_assets, tmp_path / mode, "--rope_scaling",
+                                                "yarn", "--rope_factor", "4", *extra))
         assert trainer.engine.module.config.max_position_embeddings == 1024
-        state = trainer.run()
         history = [h["loss"] for h in state.loss_history]
         assert history[-1] < history[0], history
         ckpt = tmp_path / mode / "run" / "checkpoints" / "step_4"

@@ -192,3 +192,22 @@ def only_run_dir(output: Path) -> Path:
 def losses(ckpt_dir: Path) -> list[float]:
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     return [h["loss"] for h in state["loss_history"]]
+
+
+def train_in_process(argv: list[str], *, run: bool = True):
+    """trainer/train.py's Trainer in this process (1 rank): (trainer, final state or None).
+
+    The lone-process launcher variables DeepSpeed reads are set for the call and restored after
+    (as trainer/train.py's main() sets them; the library itself leaves the environment alone).
+    """
+    from trainer.args import parse_and_validate
+    from trainer.dist import lone_process_env
+    from trainer.recipe import Trainer
+    added = lone_process_env(os.environ)
+    os.environ.update(added)
+    try:
+        trainer = Trainer(parse_and_validate(argv))
+        return trainer, (trainer.run() if run else None)
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
