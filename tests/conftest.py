@@ -33,7 +33,7 @@ def shared_dir() -> Path:
 # (xdist's own loadgroup cannot be used: it renames items in a way pytest >= 9 ignores.)
 SHARED_RUN = "zero2_run"
 SHARED_RUN_MODULES = ("tests/trainer/test_e2e.py", "tests/trainer/test_export_generate.py",
-                      "tests/trainer/test_ds_configs.py", "tests/trainer/test_cli_exit_codes.py")
+                      "tests/trainer/test_ds_configs.py", "tests/trainer/test_trainer_exit_codes.py")
 
 
 # Modules whose module-scoped fixtures are cheap (a tokenizer load, a 48-sample dataset), so each
