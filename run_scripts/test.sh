@@ -14,5 +14,5 @@ bash run_scripts/setup_venv.sh
 source run_scripts/env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/python run_scripts/prebuild_deepspeed_ops.py   # JIT ops once, not inside timed runs
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile \
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile --durations 15 \
     --no-loadscope-reorder "$@"

@@ -73,8 +73,29 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        if backend == "gloo":
+            _skip_shm_allreduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank, local_rank, world, device)
+
+
+def _skip_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce op out of a training run.
+
+    On CPU, DeepSpeed's comm backend builds that op and each rank of a one-machine job creates a
+    66 MB /dev/shm/deepspeed_allreduce_buffer_* file that is never unlinked: a 2-rank run leaks
+    132 MB of RAM (tmpfs) for good, until /dev/shm fills and later runs die with SIGBUS, or spin
+    forever waiting for a peer's file that could not be created (DeepSpeed PR #4115's thread;
+    seen here: 264 files, 18 GB). Only inference_all_reduce (tensor-parallel inference layers)
+    uses the op; training's collectives go through torch.distributed. DeepSpeed keeps its
+    compatibility table in one module dict so that edits persist: an op marked incompatible is
+    not built (no ~30 s JIT build either) and the comm backend runs without it.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def barrier() -> None:

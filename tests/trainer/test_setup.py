@@ -14,7 +14,7 @@ from trainer.model import (DataModelMismatch, add_manifest_tokens, add_special_t
                            check_data_fits_model, check_tokenizer_matches)
 from trainer.optim import Lion, lr_factor
 
-from trainer_testlib import REPO, run_env
+from trainer_testlib import REPO, free_port, run_env
 
 
 def test_every_problem_reported_at_once(tmp_path):
@@ -130,3 +130,31 @@ def test_checkpoint_resolution_and_pruning(tmp_path):
         resolve_checkpoint(tmp_path)
     prune_checkpoints(root, 2)
     assert [p.name for p in list_checkpoints(root)] == ["step_4", "step_10"]
+
+
+RANK_INIT = """
+import os, deepspeed.comm.comm as ds_comm
+from trainer.dist import init_distributed, barrier
+init_distributed()
+barrier()
+print("shm op:", ds_comm.cdb.shm_comm_op)
+print("shm files:", sorted(f for f in os.listdir("/dev/shm") if f.endswith("_" + os.environ["MASTER_PORT"] + "_" + os.environ["RANK"])))
+"""
+
+
+def test_two_cpu_ranks_leave_nothing_in_dev_shm():
+    """DeepSpeed's CPU shared-memory all-reduce op creates a 66 MB /dev/shm file per rank that it
+    never unlinks (132 MB of RAM leaked per 2-rank run); trainer.dist keeps the op out. The ranks
+    get the variables the deepspeed launcher sets, LOCAL_SIZE included (the op's trigger)."""
+    port = str(free_port())
+    env = {**run_env(), "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_INIT], cwd=REPO, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in ranks]
+    for p, out in zip(ranks, outs):
+        assert p.returncode == 0, out
+        assert "shm op: None" in out and "shm files: []" in out, out
+    from pathlib import Path
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

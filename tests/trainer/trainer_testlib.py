@@ -16,8 +16,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # The interpreter the deepspeed/torchrun launchers' shebangs name (the venv's real path): 1-process
-# runs started with it import DeepSpeed from the same path, so DeepSpeed's JIT ops (cpu_adam,
-# shm_comm) built by one kind of run are reused by the other instead of rebuilt (~1 min each).
+# runs started with it import DeepSpeed from the same path, so DeepSpeed's JIT op (cpu_adam)
+# built by one kind of run is reused by the other instead of rebuilt (~1 min).
 _REAL_VENV_PYTHON = Path(sys.prefix).resolve() / "bin" / "python"
 LAUNCHER_PYTHON = str(_REAL_VENV_PYTHON if _REAL_VENV_PYTHON.exists() else Path(sys.executable))
 NUM_WORDS = 120  # tokenizer: 4 specials + w0..w119  -> 124 ids
@@ -102,7 +102,7 @@ def run_env() -> dict:
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})
-    # A private JIT cache: a cache shared with other virtualenvs rebuilds DeepSpeed's shm op (minutes).
+    # A private JIT cache: a cache shared with other virtualenvs rebuilds DeepSpeed's ops (minutes).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
