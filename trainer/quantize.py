@@ -49,11 +49,38 @@ def load_kwargs(kind: str | None, compute_dtype: torch.dtype, device: torch.devi
 
 def prepare_for_training(model, *, gradient_checkpointing: bool):
     """peft's k-bit preparation: freeze the base, norms/embeddings to fp32, input grads for
-    checkpointing (non-reentrant, like the trainer's own)."""
+    checkpointing (non-reentrant, like the trainer's own); 4-bit layers kept on one kernel path."""
     from peft import prepare_model_for_kbit_training
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_training_kernels(model)
+    return model
+
+
+def keep_training_kernels(model) -> int:
+    """Turn off bitsandbytes' CPU inference repack of 4-bit weights; returns how many layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time
+    it runs in eval mode on an input that needs no gradient (an eval pass; or layer 0's q/k/v,
+    whose input comes from the frozen embedding), into a layout for its bf16 inference kernel:
+    the NF4 scales are rounded to bf16 and every later forward of that layer, train mode too,
+    takes the bf16 kernel (~4e-3 in the logits). Saving a checkpoint calls state_dict(), which
+    unpacks it and re-quantises the rounded scales (a new double-quantisation offset), so the
+    run's base weights then differ from a fresh load's: a resumed run diverged by ~3e-5 in the
+    adapter (bench/qlora_cpu_repack.py measures both). With the flag off, eval passes, training
+    and saving all use the dequantise + fp32 matmul path training uses; eval costs a little more
+    time on CPU (the bf16 kernel is faster), GPUs are unaffected (the repack is CPU-only).
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in layers:
+        # read by Linear4bit.forward only, to decide the repack (set once in its __init__)
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def is_quantized(model) -> bool:

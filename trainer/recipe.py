@@ -545,6 +545,11 @@ class Trainer:
         rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
                        initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
                        config=self.resolved_config())
+        # from_pretrained returns the model in eval mode and DeepSpeed leaves the mode alone: without
+        # this the run trained with dropout off, --gradient_checkpointing inert (transformers
+        # checkpoints only in train mode) and bitsandbytes on its inference paths (LLM.int8's
+        # int8 matmul; the 4-bit CPU repack, trainer/quantize.py), until the first eval's train()
+        self.engine.train()
         try:  # the bar and the log file are closed on an error too, so the error line stands alone
             batches = iter(loader)
             window = {"loss_sum": 0.0, "count": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "steps": 0}
