@@ -13,6 +13,7 @@
         RopeScalingError      --rope_scaling on a model it cannot apply to (trainer/rope.py)
       RunError                the run failed after it started                     -> exit 1
         CheckpointSaveError   writing a checkpoint failed (disk full, unwritable); `latest` untouched
+        ReportWriteError      writing the run's log, metrics, plots or tracker files failed
 
 The CLIs (trainer/train.py, trainer.export, trainer.generate, trainer.reference_logps) catch
 these and shardfmt.errors.ShardfmtError only (trainer.generate also encoder.errors.EncoderError:
@@ -80,6 +81,11 @@ class RunError(TrainerError, RuntimeError):
 
 class CheckpointSaveError(RunError):
     """Writing a checkpoint failed (disk full, file too large, unwritable); `latest` is untouched."""
+
+
+class ReportWriteError(RunError):
+    """Writing train_log.jsonl, a tracker's files (TensorBoard, W&B, MLflow) or a plot failed
+    mid-run (disk full, permission denied, the run directory removed); checkpoints untouched."""
 
 
 # What the CLIs catch: ours and shardfmt's (a dataset that is missing, incomplete or corrupt).

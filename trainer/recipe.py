@@ -35,10 +35,10 @@ from trainer.data import (FLATTENED_ATTENTION, IGNORE_INDEX, DataSources, build_
                           train_loader)
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.dtypes import precision_name
-from trainer.errors import UsageError
+from trainer.errors import ReportWriteError, UsageError
 from trainer.lora import resolve_lora_targets
 from trainer.loss import forward_loss_sum, fused_head_problem
-from trainer.metrics import Reporter
+from trainer.metrics import Reporter, guarded
 from trainer.preference import (ObjectiveSettings, PreferenceRun, check_datasets, pair_loader,
                                 plot_preference_curves)
 from trainer.rope import apply_rope_scaling, rope_summary
@@ -507,9 +507,14 @@ class Trainer:
         return rope_summary(self.model_config) if self.model_config is not None else None
 
     def save(self) -> Path:
-        if self.pref is not None and self.info.is_main:
-            plot_preference_curves(self.state.loss_history, self.state.eval_history,
-                                   self.run_dir / "preference_curves.png")
+        if self.pref is not None:
+            path = self.run_dir / "preference_curves.png"
+
+            def plot() -> None:
+                if self.info.is_main:
+                    guarded(path, lambda: plot_preference_curves(
+                        self.state.loss_history, self.state.eval_history, path))
+            self._reported(plot)
         return ckpt_mod.save_checkpoint(engine=self.engine, tokenizer=self.tokenizer, run_dir=self.run_dir,
                                step=self.state.step, state=self.trainer_state(),
                                resolved=self.resolved_config(), info=self.info, zero3=self.zero3,
@@ -542,9 +547,9 @@ class Trainer:
             log.info("run dir %s | world %d | global batch %d | steps %d..%d | %s %s | zero %s",
                      self.run_dir, info.world_size, self.global_batch, st.step, self.total_steps,
                      precision_name(self.dtype), self.attn, 3 if self.zero3 else 2)
-        rep = Reporter(self.run_dir, enabled=info.is_main, total_steps=self.total_steps,
-                       initial_step=st.step, trackers=a.report_to, run_name=a.save_name,
-                       config=self.resolved_config())
+        rep = self._reported(lambda: Reporter(
+            self.run_dir, enabled=info.is_main, total_steps=self.total_steps, initial_step=st.step,
+            trackers=a.report_to, run_name=a.save_name, config=self.resolved_config()))
         # from_pretrained returns the model in eval mode and DeepSpeed leaves the mode alone: without
         # this the run trained with dropout off, --gradient_checkpointing inert (transformers
         # checkpoints only in train mode) and bitsandbytes on its inference paths (LLM.int8's
@@ -575,14 +580,15 @@ class Trainer:
                 rep.step(loss, lr, local_tokens / max(dt, 1e-9))
                 if st.step % a.logging_steps == 0 or st.step == self.total_steps:
                     grad_norm = self.engine.get_global_grad_norm()
-                    rep.log({"step": st.step, "epoch": st.consumed_samples / len(self.train_ds),
-                             "loss": window["loss_sum"] / max(window["count"], 1), "lr": lr,
-                             "grad_norm": None if grad_norm is None else float(grad_norm),
-                             "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
-                             "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
-                             "samples_seen": st.consumed_samples,
-                             **(self.source_metrics() if several and not self.pref else {}),
-                             **(self.pref.window_metrics() if self.pref else {})})
+                    record = {"step": st.step, "epoch": st.consumed_samples / len(self.train_ds),
+                              "loss": window["loss_sum"] / max(window["count"], 1), "lr": lr,
+                              "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "loss_tokens_per_device": window["loss_tokens"] / window["steps"],
+                              "tokens_per_sec_per_device": window["tokens"] / max(window["time"], 1e-9),
+                              "samples_seen": st.consumed_samples,
+                              **(self.source_metrics() if several and not self.pref else {}),
+                              **(self.pref.window_metrics() if self.pref else {})}
+                    self._reported(lambda: rep.log(record))
                     window = dict.fromkeys(window, 0)
                 if self.eval_ds is not None and a.eval_steps and st.step % a.eval_steps == 0:
                     self._eval_and_log(rep)
@@ -593,14 +599,34 @@ class Trainer:
                 self._eval_and_log(rep)
             if saved_at != st.step:
                 self.save()
-        finally:
-            rep.close()
+        except BaseException:
+            rep.close(quiet=True)  # the error on its way is the one to report
+            raise
+        self._reported(rep.close)
         return st
+
+    def _reported(self, work):
+        """`work()`, a rank-0 write of the log, trackers or a plot; a ReportWriteError on rank 0
+        stops every rank at once (one all-reduce of "did it fail", only with several ranks), as
+        a failed checkpoint save does: the others would otherwise wait for rank 0 forever."""
+        error, result = None, None
+        try:
+            result = work()
+        except ReportWriteError as e:
+            error = e
+        failed = all_reduce_sum([0.0 if error is None else 1.0], self.info.device)[0] \
+            if self.info.world_size > 1 else 0.0
+        if error is not None:
+            raise error
+        if failed:
+            raise ReportWriteError("rank 0 failed writing the run's log, trackers or plots (its "
+                                   "error line names the file and the fix)")
+        return result
 
     def _eval_and_log(self, rep) -> None:
         result = self.evaluate()
         self.state.eval_history.append(result)
-        rep.log(result)
+        self._reported(lambda: rep.log(result))
         if self.pref is not None:
             rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} reward accuracy "
                       f"{result['eval_rewards/accuracies']:.3f} margin "

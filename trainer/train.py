@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.run()
     except OUR_ERRORS as e:  # e.g. CheckpointSaveError: disk full / file too large / unwritable
         latest = latest_checkpoint_name(trainer.run_dir / "checkpoints")
-        print(f"trainer: error at step {trainer.state.step}: {e}; checkpoints/latest names "
-              f"{latest or 'no checkpoint yet'} (complete): resume with --load_ckpt_path "
-              f"{trainer.run_dir}", file=sys.stderr)
+        then = (f"checkpoints/latest names {latest} (complete): resume with --load_ckpt_path "
+                f"{trainer.run_dir}") if latest else "no checkpoint was saved yet: run again"
+        print(f"trainer: error at step {trainer.state.step}: {e}; {then}", file=sys.stderr)
         return EXIT_RUN_FAILED  # once training started, any failure of ours is "the run failed"
     import torch.distributed as dist
     if dist.is_initialized():

@@ -148,3 +148,23 @@ def test_trainer_checkpoint_save_fails_previous_intact(trainer_assets, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(str(step2), dtype=torch.float32)
     assert model.config.vocab_size == 124
     assert json.loads((step2 / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_trainer_log_write_fails_mid_run(trainer_assets, tmp_path):
+    """The disk fills while train_log.jsonl is being appended to (RLIMIT_FSIZE 400 B: the first
+    line or two fit, then a line is cut short and refused): one line naming the log and the fix,
+    exit 1, the log cut back to whole lines (a resumed run appends to valid JSONL), and no
+    checkpoint that looks complete."""
+    out = tmp_path / "runs"
+    proc = run(train_cmd(trainer_assets, out, "--max_steps", "6", "--no_timestamp",
+                         "--save_name", "r"), preexec_fn=limit_file_size(400))
+    log = out / "r" / "train_log.jsonl"
+    line = assert_one_line_error(proc, "trainer", f"writing {log} failed: File too large [EFBIG]",
+                                 "free space on its disk", "no checkpoint was saved yet")
+    assert proc.returncode == 1
+    records = [json.loads(l) for l in log.read_text().splitlines()]  # whole lines only
+    assert log.read_text().endswith("\n") or not records
+    assert f"error at step {len(records) + 1}:" in line, (line, records)
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    ckpts = out / "r" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())

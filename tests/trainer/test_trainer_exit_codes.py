@@ -117,6 +117,36 @@ def test_train_bad_flag_bad_input_and_a_bug(train_main, assets, tmp_path, monkey
         train_main(train_argv(assets, tmp_path / "out"))
 
 
+def test_train_tracker_write_fails_mid_run_is_1(train_main, assets, tmp_path, monkeypatch, capsys):
+    """A tracker's files stop being writable at step 2 (TensorBoard's writer raises ENOSPC, as
+    its flush does when the disk is full): exit 1, one line naming the directory and the fix and
+    the complete checkpoint to resume from (step_1); no step_2; the resume runs."""
+    import trainer.metrics
+    real_log = trainer.metrics.TensorBoardTracker.log
+
+    def log(self, metrics, step):
+        if step == 2:
+            fail_disk()
+        real_log(self, metrics, step)
+    monkeypatch.setattr(trainer.metrics.TensorBoardTracker, "log", log)
+    argv = train_argv(assets, tmp_path / "out", "--save_name", "r", "--save_steps", "1",
+                      "--max_steps", "3", "--report_to", "tensorboard")
+    assert train_main(argv) == 1
+    run_dir = tmp_path / "out" / "r"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [l for l in err.splitlines() if l.startswith("trainer: error")]
+    assert line == (f"trainer: error at step 2: writing {run_dir / 'tensorboard'} failed: No space "
+                    f"left on device (injected) [ENOSPC]; free space on its disk (or raise the "
+                    f"quota / file-size limit); checkpoints/latest names step_1 (complete): resume "
+                    f"with --load_ckpt_path {run_dir}")
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_1"]
+    monkeypatch.setattr(trainer.metrics.TensorBoardTracker, "log", real_log)
+    assert train_main([*argv, "--load_ckpt_path", str(run_dir)]) == 0
+    assert (ckpts / "latest").read_text().strip() == "step_3"
+
+
 # ------------------------------------------------------------------------------ trainer.export
 def test_export_codes(trained, tmp_path, monkeypatch, capsys):
     import transformers
