@@ -1,6 +1,8 @@
 """Part-aware plugins (encoder/input_files.py + the example plugins): the parts joined in order
 equal the whole input, part k reads about 1/N of the bytes (measured by the kernel's read
-counter), and the same plugins read s3:// URLs from a local S3 server (moto) on 127.0.0.1."""
+counter), and the same plugins read s3:// URLs from a local S3 server (moto) and gs:// URLs from
+a local GCS server (gcp-storage-emulator, which gcsfs finds through STORAGE_EMULATOR_HOST), both
+on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -128,14 +130,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto_server on 127.0.0.1:PORT for this module; stopped (by pid) even if a test fails."""
-    pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
-    pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'llm-shards[distributed]')")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def local_server(argv: list[str], port: int, name: str):
+    """Start a test server on 127.0.0.1:`port`; yields once it accepts connections, and is
+    stopped (by pid) even if a test fails."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 30
         while True:
@@ -144,10 +142,9 @@ def s3_server():
                 break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start")
+                    raise RuntimeError(f"{name} did not start")
                 time.sleep(0.2)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        yield
     finally:
         proc.terminate()
         try:
@@ -157,33 +154,82 @@ def s3_server():
             proc.wait()
 
 
-def test_example_plugins_read_s3_urls(s3_server, corpus, monkeypatch):
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto_server on 127.0.0.1:PORT for this module."""
+    pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
+    pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'llm-shards[distributed]')")
+    port = free_port()
+    for _ in local_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          port, "moto_server"):
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+    """gcp-storage-emulator (in memory, bucket `corpus`) on 127.0.0.1:PORT for this module."""
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator not installed (pip "
+                        "install gcp-storage-emulator; it is in the dev extra)")
+    pytest.importorskip("gcsfs", reason="gcsfs not installed (pip install 'llm-shards[distributed]')")
+    port = free_port()
+    for _ in local_server([sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
+                           "--port", str(port), "--in-memory", "--default-bucket", "corpus", "-q"],
+                          port, "gcp-storage-emulator"):
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpus) -> dict[str, Path]:
+    """The first 400 lines of each file: enough for 3 parts, fast over HTTP."""
+    small = {}
+    for name in ("text", "alpaca", "sharegpt", "paras"):
+        small[name] = corpus[name].with_name("small-" + corpus[name].name)
+        small[name].write_bytes(b"".join(corpus[name].read_bytes().splitlines(True)[:400]))
+    small["alpaca_array"] = PLUGINS / "sample_alpaca.json"
+    return small
+
+
+UPLOADS = {"text": "c/docs-0.jsonl", "alpaca": "c/alpaca.jsonl", "sharegpt": "c/chat.jsonl",
+           "paras": "c/paras.txt", "alpaca_array": "c/alpaca_array.json"}
+
+
+def check_remote_reads(scheme: str, small: dict[str, Path]) -> None:
+    """Every example plugin reads `scheme`://corpus/... (uploaded from `small` as UPLOADS) as it
+    reads the local file, whole and in 3 parts; a glob matching nothing names itself."""
+    url = f"{scheme}://corpus/"
+    cases = [("text.py", {"path": url + "c/docs-*.jsonl"}, "text"),
+             ("text.py", {"path": url + UPLOADS["paras"]}, "paras"),
+             ("alpaca.py", {"path": url + UPLOADS["alpaca"]}, "alpaca"),
+             ("alpaca.py", {"path": url + UPLOADS["alpaca_array"]}, "alpaca_array"),
+             ("sharegpt.py", {"path": url + UPLOADS["sharegpt"]}, "sharegpt")]
+    for plugin, remote, name in cases:
+        whole = rows_of(plugin, {"path": str(small[name])})
+        assert whole and rows_of(plugin, remote) == whole, remote
+        assert joined_parts(plugin, remote, 3) == whole, remote
+    with pytest.raises(Exception, match="matches no file"):
+        rows_of("text.py", {"path": url + "nothing/*.jsonl"})
+
+
+def test_example_plugins_read_s3_urls(s3_server, small_corpus, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     import boto3
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="corpus")
-    uploads = {"text": "c/docs-0.jsonl", "alpaca": "c/alpaca.jsonl", "sharegpt": "c/chat.jsonl",
-               "paras": "c/paras.txt"}
-    small = {}   # the first 400 lines of each file: enough for 3 parts, fast over HTTP
-    for name, key in uploads.items():
-        small[name] = corpus[name].with_name("small-" + corpus[name].name)
-        small[name].write_bytes(b"".join(corpus[name].read_bytes().splitlines(True)[:400]))
-        s3.upload_file(str(small[name]), "corpus", key)
-    s3.upload_file(str(PLUGINS / "sample_alpaca.json"), "corpus", "c/alpaca_array.json")
-    cases = [("text.py", {"path": "s3://corpus/c/docs-*.jsonl"}, {"path": str(small["text"])}),
-             ("text.py", {"path": "s3://corpus/c/paras.txt"}, {"path": str(small["paras"])}),
-             ("alpaca.py", {"path": "s3://corpus/c/alpaca.jsonl"}, {"path": str(small["alpaca"])}),
-             ("alpaca.py", {"path": "s3://corpus/c/alpaca_array.json"},
-              {"path": str(PLUGINS / "sample_alpaca.json")}),
-             ("sharegpt.py", {"path": "s3://corpus/c/chat.jsonl"},
-              {"path": str(small["sharegpt"])})]
-    for plugin, remote, local in cases:
-        whole = rows_of(plugin, local)
-        assert rows_of(plugin, remote) == whole, remote
-        assert joined_parts(plugin, remote, 3) == whole, remote
-    with pytest.raises(Exception, match="matches no file"):
-        rows_of("text.py", {"path": "s3://corpus/nothing/*.jsonl"})
+    for name, key in UPLOADS.items():
+        s3.upload_file(str(small_corpus[name]), "corpus", key)
+    check_remote_reads("s3", small_corpus)
+
+
+def test_example_plugins_read_gs_urls(gcs_server, small_corpus, monkeypatch):
+    for key, value in gcs_server.items():
+        monkeypatch.setenv(key, value)  # gcsfs: this endpoint, anonymous (no credentials needed)
+    import fsspec
+    gcs = fsspec.filesystem("gs", skip_instance_cache=True)  # uploaded with the user's client
+    for name, key in UPLOADS.items():
+        gcs.put_file(str(small_corpus[name]), f"corpus/{key}")
+    check_remote_reads("gs", small_corpus)
 
 
 def test_urls_needing_a_missing_package_or_unknown_say_what_to_do():
