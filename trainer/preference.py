@@ -626,7 +626,10 @@ def _adapters_disabled(model) -> Iterator[None]:
     if not hasattr(model, "disable_adapter"):
         raise UsageError("the reference is 'the policy without its adapters', but the model has no "
                          "LoRA adapters; pass --ref_model_path")
-    with model.disable_adapter():
+    from trainer.quantize import eval_mode_on_training_kernels
+    # eval mode: no dropout, so the reference is deterministic (as a separate reference model,
+    # which is in eval mode); quantised layers stay on the policy's kernels (the same numerics)
+    with eval_mode_on_training_kernels(model), model.disable_adapter():
         yield
 
 

@@ -14,7 +14,9 @@ quantisation state bitsandbytes keeps outside the parameter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -87,3 +89,20 @@ def is_quantized(model) -> bool:
     base = getattr(model, "module", model)
     return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)
                 or getattr(base, "is_loaded_in_8bit", False))
+
+
+@contextlib.contextmanager
+def eval_mode_on_training_kernels(model) -> Iterator[None]:
+    """`model` in eval mode (no dropout) for the block, except bitsandbytes' quantised layers,
+    which stay in train mode: in eval mode LLM.int8 layers switch to the int8 inference matmul
+    (and 4-bit ones to the repack, keep_training_kernels), so a forward would not have the
+    numerics training has. The previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        for m in model.modules():
+            if type(m).__module__.startswith("bitsandbytes."):
+                m.training = True
+        yield
+    finally:
+        model.train(was_training)
