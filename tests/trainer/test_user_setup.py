@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,33 @@ def test_trackers_get_the_jsonl_metrics_with_the_real_packages(tmp_path, monkeyp
     for needle in (b"myrun", b"train/loss", b"eval/eval_loss", b"learning_rate",
                    *(json.dumps(l).encode() for l in losses)):
         assert needle in blob, needle
+
+
+def test_report_write_failures_name_the_file_and_the_fix(tmp_path):
+    """trainer/metrics.py: each kind of failed write gets its own fix; a failed close is raised
+    unless another error is already on its way (quiet)."""
+    import errno
+
+    from trainer.errors import ReportWriteError
+    from trainer.metrics import Reporter, write_failure
+    log = tmp_path / "run" / "train_log.jsonl"
+    cases = {errno.ENOSPC: "No space left on device [ENOSPC]; free space on its disk",
+             errno.EACCES: f"Permission denied [EACCES]; make {log.parent} writable for this user",
+             errno.ENOENT: f"No such file or directory [ENOENT]; {log.parent} was removed or "
+                           f"replaced while the run ran: restore it",
+             errno.EIO: "Input/output error [EIO]; check that disk (an I/O error)"}
+    for code, text in cases.items():
+        e = write_failure(log, OSError(code, os.strerror(code)))
+        assert isinstance(e, ReportWriteError) and str(e).startswith(f"writing {log} failed: {text}")
+    rep = Reporter(tmp_path, enabled=True, total_steps=1, initial_step=0)
+    rep.log({"step": 1, "loss": 1.0})
+    os.close(rep.fd)  # the next close fails (EBADF), as a flush to a dead disk would
+    with pytest.raises(ReportWriteError, match=r"train_log.jsonl failed: Bad file descriptor"):
+        rep.close()
+    rep = Reporter(tmp_path, enabled=True, total_steps=1, initial_step=0)
+    os.close(rep.fd)
+    rep.close(quiet=True)  # nothing raised: the error already on its way is the one reported
+    assert (tmp_path / "train_log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
 # ---------------------------------------------------------------------------- console, durability
