@@ -56,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
       "for data_loader(), values passed as strings (e.g. path=data.json).")
     a("--corpus_name", help="dataset directory name under --output_path (required unless "
       "--analyze).")
-    a("--encode_type", required=True, choices=("pretrain", "qa", "chat", "preference"),
+    a("--encode_type", required=True, choices=("pretrain", "qa", "chat", "preference", "kto"),
       help="pretrain: plugin "
       "yields str, documents are concatenated and cut into max_length samples; qa: yields "
       "{'q','a'[,'system']}; chat: yields {'messages': [{'role','content'}, ...]}; preference: "
       "yields {'prompt','chosen','rejected'[,'system']} or {'messages','chosen','rejected'} "
       "(DPO pairs; each side formatted as qa/chat, --max_length bounds each side, a pair is "
-      "kept or dropped whole, --merge_data packs whole pairs; see encoder/preference.py).")
+      "kept or dropped whole, --merge_data packs whole pairs; see encoder/preference.py); kto: yields {'prompt', "
+      "'completion', 'label': bool} or {'messages' (last = the assistant completion), 'label'} "
+      "(unpaired feedback for --objective kto; the label is stored per sequence).")
     a("--output_path", help="parent directory of the dataset (required unless --analyze).")
     a("--max_length", type=int, required=True, help="maximum tokens per training sample.")
     a("--template", choices=TEMPLATE_NAMES, default=None, help="prompt format for qa/chat: none "
@@ -165,7 +167,7 @@ class EncodeArgs:
         for key in ("data_loader_args", "add_tokens"):
             values[key] = tuple(values.get(key) or ())
         if values.get("template") is None:
-            values["template"] = "chat" if values["encode_type"] in ("chat", "preference") or \
+            values["template"] = "chat" if values["encode_type"] in ("chat", "preference", "kto") or \
                 values.get("chat_template") is not None else "none"
         return cls(**values)
 

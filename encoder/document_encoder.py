@@ -160,6 +160,9 @@ class DocumentEncoder:
         if spec.encode_type == "preference":  # each side encoded as chat (encoder/preference.py)
             from encoder.preference import PairEncoder
             self._pairs = PairEncoder(self)
+        elif spec.encode_type == "kto":  # one chat sequence per example, plus its label
+            from encoder.preference import UnpairedEncoder
+            self._pairs = UnpairedEncoder(self)
 
     def _control_ids(self) -> frozenset[int]:
         """Ids that data text must never produce: BOS, EOS, pad, unk, the template's markers."""

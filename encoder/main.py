@@ -39,6 +39,7 @@ from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
 from shardfmt.writer import SampleBlock  # noqa: E402
+from shardfmt.spec import DOC_FLAG_UNDESIRABLE  # noqa: E402
 
 IMPORTS_DONE = time.time()
 
@@ -270,6 +271,10 @@ def to_samples(docs: Iterable[Encoded], *, args: Any, stats: RunStats) -> Iterat
         from encoder.preference import pair_samples
         yield from pair_samples(docs, max_length=args.max_length, merge_data=args.merge_data,
                                 pack_window=args.pack_window)
+    elif args.encode_type == "kto":  # one example per segment, its label beside it
+        from encoder.preference import unpaired_samples
+        yield from unpaired_samples(docs, max_length=args.max_length, merge_data=args.merge_data,
+                                    pack_window=args.pack_window)
     elif args.merge_data:
         pairs = ((d.ids, d.mask) for d in docs)
         for packed in pack_windows(pairs, capacity=args.max_length, window=args.pack_window):
@@ -335,20 +340,32 @@ def _write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, 
                              overwrite=args.overwrite)
     except FileExistsError as e:
         raise OutputExistsError(f"refusing to write: {e}") from None
+    kto_counts = [0, 0]   # desirable, undesirable examples written
     with writer as w:
         for item in samples:
             if isinstance(item, SampleBlock):   # pretrain: many samples at once
                 w.add_block(item)
                 stats.sample_lengths.frombytes(item.sample_lens().astype(np.int32).tobytes())
                 continue
-            segs, cont = item
-            w.add_sample(segs, continues_previous=cont)
+            segs, cont, *labels = item   # kto: the desirable label of each segment
+            if labels:
+                w.add_sample(segs, continues_previous=cont,
+                             doc_flags=[0 if ok else DOC_FLAG_UNDESIRABLE for ok in labels[0]])
+                kto_counts[0] += sum(labels[0])
+                kto_counts[1] += len(labels[0]) - sum(labels[0])
+            else:
+                w.add_sample(segs, continues_previous=cont)
             stats.sample_lengths.append(sum(len(ids) for ids, _ in segs))
         stats.tokens_per_shard = w.shard_tokens   # the writer's own roll rule, not re-derived
         if pairs:
             from shardfmt.preference import preference_manifest_entry
             w.manifest_extra["preference"] = preference_manifest_entry(
                 sequence_max_length=args.max_length, pairs=w.counts["docs"] // 2)
+        if args.encode_type == "kto":
+            from shardfmt.preference import kto_manifest_entry
+            w.manifest_extra["kto"] = kto_manifest_entry(
+                sequence_max_length=args.max_length, desirable=kto_counts[0],
+                undesirable=kto_counts[1])
         w.metadata["stats"] = result = stats.as_dict()
         result["tokenizer_backend"] = w.metadata["encoder"]["tokenizer_backend"] = \
             encoder.backend_info()   # chosen on the first batch, after the writer was created

@@ -154,6 +154,9 @@ def check_row(row: Any, *, encode_type: str) -> Any:
     if encode_type == "preference":  # encoder/preference.py: both sides checked as chat rows
         from encoder.preference import check_preference_row
         return check_preference_row(row, chat_messages=_chat_messages)
+    if encode_type == "kto":  # unpaired feedback (encoder/preference.py): checked as a chat row
+        from encoder.preference import check_unpaired_row
+        return check_unpaired_row(row, chat_messages=_chat_messages)
     if not isinstance(row, dict):
         raise ValueError(f"{encode_type} rows must be dicts, got {type(row).__name__}")
     return _qa_messages(row) if encode_type == "qa" else _chat_messages(row)

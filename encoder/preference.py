@@ -267,3 +267,160 @@ def pair_samples(pairs: Iterable[PairEncoded], *, max_length: int, merge_data: b
             buf = []
     if buf:
         yield from flush()
+
+
+# -- unpaired feedback (KTO): --encode_type kto ---------------------------------------------------
+# Row shapes a plugin may yield:
+#     {"prompt": str, "completion": str | assistant message | list, "label": bool[, "system": str]}
+#     {"messages": [... ending with the assistant completion], "label": bool}   (the chat form: the
+#         last assistant message is the completion; earlier assistant turns belong to the prompt)
+#     {"messages": [... ending with a user turn], "completion": ..., "label": bool}
+# Each example is ONE sequence (prompt + completion), rendered and encoded exactly as the qa/chat
+# encoder renders that conversation; only the completion's tokens carry the loss mask. The label
+# (True = desirable) goes to the dataset as a per-segment flag (shardfmt/preference.py).
+class UnpairedRow(list):
+    """A validated unpaired example: its messages (a list), the completion's assistant-message count
+    `responses` and the boolean `desirable` label."""
+
+    def __init__(self, messages: list[dict], *, desirable: bool, responses: int):
+        super().__init__(messages)
+        self.desirable = bool(desirable)
+        self.responses = int(responses)
+
+    def __reduce__(self):  # worker processes
+        return (_unpaired_row, (list(self), self.desirable, self.responses))
+
+
+def _unpaired_row(messages: list[dict], desirable: bool, responses: int) -> "UnpairedRow":
+    return UnpairedRow(messages, desirable=desirable, responses=responses)
+
+
+class UnpairedEncoded(NamedTuple):
+    """One encoded unpaired example; same first fields as `Encoded`."""
+
+    ids: np.ndarray | None
+    mask: np.ndarray | None
+    status: str          # "ok" | "truncated" | "dropped" | "invalid"
+    raw_len: int
+    reason: str = ""
+    desirable: bool = True
+
+
+KTO_ROW_HELP = ("expected {'prompt', 'completion', 'label'[, 'system']} or {'messages' (ending with "
+                "the assistant completion), 'label'}, with 'label' a JSON boolean: true = desirable, "
+                "false = undesirable")
+
+
+def check_unpaired_row(row: Any, *, chat_messages) -> UnpairedRow:
+    """Validate an unpaired (KTO) row and build its conversation (checked like a chat row by
+    `chat_messages`). Raises ValueError naming the key and the fix."""
+    if not isinstance(row, dict):
+        raise ValueError(f"kto rows must be dicts, got {type(row).__name__}; {KTO_ROW_HELP}")
+    if "label" not in row:
+        raise ValueError(f"kto row lacks 'label' (got keys {sorted(row)}); {KTO_ROW_HELP}")
+    label = row["label"]
+    if not isinstance(label, (bool, np.bool_)):
+        raise ValueError(f"'label' must be a boolean (true = desirable, false = undesirable), got "
+                         f"{type(label).__name__} {label!r}; convert it in the plugin (e.g. "
+                         f"label = (rating >= 4)) rather than relying on truthiness")
+    if "prompt" not in row and "messages" not in row:
+        raise ValueError(f"kto row lacks 'prompt' or 'messages' (got keys {sorted(row)}); "
+                         f"{KTO_ROW_HELP}")
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f"'prompt' must be str, got {type(row['prompt']).__name__}")
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        if "completion" not in row:
+            raise ValueError(f"kto row with 'prompt' lacks 'completion'; {KTO_ROW_HELP}")
+    else:
+        prompt = row["messages"]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("'messages' must be a non-empty list of {'role', 'content'} dicts")
+        prompt = list(prompt)
+    system = row.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"'system' must be str, got {type(system).__name__}")
+        if system and not (isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
+            prompt = [{"role": "system", "content": system}] + prompt
+    if "completion" in row:
+        completion = _response_messages(row["completion"], "completion")
+    else:  # chat form: the trailing assistant message(s) are the completion
+        last = prompt[-1]
+        if not (isinstance(last, dict) and last.get("role", last.get("from")) in
+                ("assistant", "gpt")):
+            raise ValueError("'messages' must end with the assistant completion (or give it as "
+                             "'completion'); the last message has role "
+                             f"{last.get('role', last.get('from')) if isinstance(last, dict) else last!r}")
+        completion = _response_messages(last, "messages[-1]")
+        prompt = prompt[:-1]
+        if not prompt:
+            raise ValueError("'messages' holds only the completion; the prompt turns are missing")
+    messages = chat_messages({"messages": prompt + completion})
+    return UnpairedRow(messages, desirable=bool(label),
+                       responses=sum(m.get("role") == "assistant" for m in completion))
+
+
+class UnpairedEncoder:
+    """Encodes `UnpairedRow`s with an inner qa/chat `DocumentEncoder` (same tokenizer and template,
+    no truncation), keeps the completion's loss spans only, then truncates like qa/chat."""
+
+    def __init__(self, outer: Any):
+        from encoder.document_encoder import DocumentEncoder
+        self.max_length = outer.spec.max_length
+        self.mode = outer.spec.truncation
+        self.keep_prefix = len(outer.prefix)
+        inner_spec = replace(outer.spec, encode_type="chat", max_length=1 << 62)
+        self.inner = DocumentEncoder(inner_spec, tokenizer=outer.tok)
+        self.outer = outer
+
+    def encode_batch(self, rows: list[UnpairedRow]) -> "PairBatch":
+        return PairBatch(self.encode_rows(rows))
+
+    def encode_rows(self, rows: list[UnpairedRow]) -> list[UnpairedEncoded]:
+        if self.inner.engine is None and self.outer.engine is not None:
+            self.inner.engine, self.inner.reference = self.outer.engine, self.outer.reference
+            self.inner.backend_reason = self.outer.backend_reason
+        encoded = self.inner.encode_rows([list(r) for r in rows])
+        return [self._one(enc, row) for enc, row in zip(encoded, rows)]
+
+    def _one(self, enc: Any, row: UnpairedRow) -> UnpairedEncoded:
+        if enc.status == "invalid":
+            return UnpairedEncoded(None, None, "invalid", enc.raw_len, enc.reason, row.desirable)
+        mask = response_only(enc.mask, row.responses)
+        if mask is None:
+            return UnpairedEncoded(None, None, "invalid", enc.raw_len,
+                                   f"the template's loss spans cannot be matched to the "
+                                   f"{row.responses} completion message(s)", row.desirable)
+        ids, mask, status = truncate(enc.ids, mask, max_length=self.max_length, mode=self.mode,
+                                     keep_prefix=self.keep_prefix)
+        if status == "dropped":
+            return UnpairedEncoded(None, None, "dropped", enc.raw_len, "", row.desirable)
+        return UnpairedEncoded(ids, mask, status, enc.raw_len, "", row.desirable)
+
+
+def unpaired_samples(examples: Iterable[UnpairedEncoded], *, max_length: int, merge_data: bool,
+                     pack_window: int) -> Iterator[tuple[list, bool, list[bool]]]:
+    """Encoded examples -> (segments, continues, desirable per segment): one example per sample,
+    or packed whole (best-fit-decreasing into max_length, as qa/chat packing)."""
+    if not merge_data:
+        for e in examples:
+            yield [(e.ids, e.mask)], False, [e.desirable]
+        return
+    from encoder.packing import best_fit_decreasing, drain_sparsest
+    buf: list[UnpairedEncoded] = []
+
+    def flush() -> Iterator[tuple[list, bool, list[bool]]]:
+        lengths = [len(e.ids) for e in buf]
+        bins = drain_sparsest(best_fit_decreasing(lengths, capacity=max_length), lengths,
+                              capacity=max_length)
+        for b in bins:
+            yield [(buf[k].ids, buf[k].mask) for k in b], False, [buf[k].desirable for k in b]
+
+    for e in examples:
+        buf.append(e)
+        if len(buf) >= pack_window:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()

@@ -91,3 +91,62 @@ def _shards(dataset) -> list:
     if hasattr(dataset, "parts"):  # shardfmt.ConcatDataset
         return [shard for part in dataset.parts for shard in _shards(part)]
     return list(dataset.shards())
+
+
+# -- unpaired feedback (KTO): encode_type "kto" --------------------------------------------------
+# Each example (prompt + completion, formatted as qa/chat; loss spans on the completion) is ONE
+# document segment; a packed sample holds several whole examples. Its label is bit 1 of the
+# segment's doc_flags (DOC_FLAG_UNDESIRABLE set = label False): the byte layout is version 1
+# unchanged, and the label follows the segment through packing, shard rolling and merging.
+KTO_ENCODE_TYPE = "kto"
+
+
+class Example(NamedTuple):
+    sample: Sample      # one document: input_ids, loss_mask (the completion), doc_lens == [len]
+    desirable: bool
+
+
+def kto_manifest_entry(*, sequence_max_length: int, desirable: int, undesirable: int) -> dict:
+    """The manifest's "kto" record."""
+    return {"layout": "unpaired", "label": "doc_flags bit 1 set = undesirable",
+            "sequence_max_length": int(sequence_max_length), "examples": desirable + undesirable,
+            "desirable": int(desirable), "undesirable": int(undesirable)}
+
+
+def is_kto(manifest: dict | None) -> bool:
+    """True if `manifest` describes a dataset of unpaired (KTO) examples."""
+    return bool(manifest) and manifest.get("encode_type") == KTO_ENCODE_TYPE
+
+
+def check_kto_manifest(manifest: dict, *, path: str) -> None:
+    """Refuse a manifest that claims unpaired examples in a layout this reader does not know."""
+    entry = manifest.get("kto")
+    if not isinstance(entry, dict) or entry.get("layout") != "unpaired":
+        raise ValueError(f"{path}: encode_type 'kto' but the manifest's 'kto' record is "
+                         f"{entry!r}; this reader knows layout 'unpaired' (one example per "
+                         f"segment, label in doc_flags bit 1). Re-encode with this encoder.")
+
+
+def segment_desirable(dataset, i: int) -> np.ndarray:
+    """Per segment of sample `i` of a kto dataset: its label (True = desirable), from the index.
+    Works on a `shardfmt.Dataset` and on concatenations of them (a --data_path mix)."""
+    from shardfmt.spec import DOC_FLAG_UNDESIRABLE
+    i = int(i)
+    if hasattr(dataset, "parts"):  # ConcatDataset
+        k, j = dataset.locate(i)
+        return segment_desirable(dataset.parts[k], j)
+    k, j = dataset.locate(i)
+    a = dataset.shards()[k].open()
+    d0, d1 = a["sample_doc_offsets"][j:j + 2].tolist()
+    return (a["doc_flags"][d0:d1] & DOC_FLAG_UNDESIRABLE) == 0
+
+
+def read_examples(dataset, i: int) -> list[Example]:
+    """The examples of sample `i` of a kto dataset (one, or several when packed), with labels."""
+    sample = dataset[int(i)]
+    labels = segment_desirable(dataset, i)
+    ends = np.cumsum(sample.doc_lens).tolist()
+    starts = [0] + ends[:-1]
+    return [Example(Sample(sample.input_ids[a:b], sample.loss_mask[a:b],
+                           np.array([b - a], np.int32)), bool(ok))
+            for a, b, ok in zip(starts, ends, labels)]

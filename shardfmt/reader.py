@@ -248,6 +248,9 @@ class Dataset:
             if manifest.get("encode_type") == "preference":  # pairs: shardfmt/preference.py
                 from shardfmt.preference import check_preference_manifest
                 check_preference_manifest(manifest, path=str(d / MANIFEST_NAME))
+            elif manifest.get("encode_type") == "kto":  # unpaired examples: same module
+                from shardfmt.preference import check_kto_manifest
+                check_kto_manifest(manifest, path=str(d / MANIFEST_NAME))
             self.manifests.append(manifest)
             dtype = np.dtype(manifest["dtype"])
             for entry in manifest["shards"]:

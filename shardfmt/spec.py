@@ -27,7 +27,8 @@ A shard is a pair of files:
   ...     8*L     <i4,<i4   loss_spans             (start, end) pairs, end exclusive, relative to the
                                                    sample's first token, sorted, non-overlapping
   ...     1*D     <u1       doc_flags              bit 0: segment continues a document begun in an
-                                                   earlier sample (pretrain chunking)
+                                                   earlier sample (pretrain chunking); bit 1
+                                                   (kto datasets only): the example is undesirable
 
 The file size is exactly `index_nbytes(S, D, L)`, so a truncated or padded index is caught from its
 header alone, before any array is touched, and no count can make the reader map more than the file.
@@ -56,6 +57,7 @@ HEADER = struct.Struct("<8sIB3xQQQQ")  # magic, version, dtype code, pad, S, D, 
 assert HEADER.size == 48
 
 DOC_FLAG_CONTINUES = 1  # bit 0 of doc_flags
+DOC_FLAG_UNDESIRABLE = 2  # bit 1 of doc_flags, kto datasets only: the example's label is False
 
 # The arrays after the header, in file order: name -> (little-endian dtype, elements per row).
 # index_array_offsets, index_nbytes, the reader and the writer all take them from here.

@@ -23,11 +23,11 @@ import numpy as np
 import xxhash
 
 from shardfmt.errors import OutputExistsError
-from shardfmt.spec import (DOC_FLAG_CONTINUES, FORMAT_VERSION, INDEX_ARRAYS, MANIFEST_FORMAT,
-                           MANIFEST_NAME, WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
+from shardfmt.spec import (DOC_FLAG_CONTINUES, DOC_FLAG_UNDESIRABLE, FORMAT_VERSION,
+                           INDEX_ARRAYS, MANIFEST_FORMAT, MANIFEST_NAME, WRITABLE_DTYPES, IndexHeader, dtype_max_id, pack_header,
                            shard_file_names, smallest_dtype_for, token_dtype)
 
-ENCODE_TYPES = ("pretrain", "qa", "chat", "preference")  # preference: see shardfmt/preference.py
+ENCODE_TYPES = ("pretrain", "qa", "chat", "preference", "kto")  # preference, kto: shardfmt/preference.py
 _FLUSH_TOKENS = 1 << 21  # ~4 MB of uint16 per write() call
 
 
@@ -325,12 +325,14 @@ class ShardWriter:
 
     # -- writing -------------------------------------------------------------------------------
     def add_sample(self, docs: Sequence[tuple[Iterable[int], Iterable[Any] | None]], *,
-                   continues_previous: bool = False) -> None:
+                   continues_previous: bool = False, doc_flags: Sequence[int] | None = None
+                   ) -> None:
         """Append one training sample made of whole documents (or document segments).
 
         `docs` is a list of `(ids, loss_mask)` pairs; `loss_mask=None` means every token is
         trained (pretrain: no mask array is built, ~2x faster). `continues_previous=True` marks
         the first segment as the continuation of a document begun in the previous sample.
+        `doc_flags`: further flag bits per segment (DOC_FLAG_UNDESIRABLE in kto datasets).
         """
         if self._closed:
             raise RuntimeError(f"{self.directory}: add_sample after close()/abort()")
@@ -375,7 +377,13 @@ class ShardWriter:
                                    for m, n in zip(mask_parts, lens)])
             spans = sample_loss_spans(full, lens)
             loss_tokens = int(np.count_nonzero(full))
-        flags = bytes([DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1))
+        flags = [DOC_FLAG_CONTINUES if continues_previous else 0] + [0] * (len(docs) - 1)
+        if doc_flags is not None:
+            if len(doc_flags) != len(docs) or any(f & ~DOC_FLAG_UNDESIRABLE for f in doc_flags):
+                raise ValueError(f"add_sample: doc_flags {list(doc_flags)} must hold one value per "
+                                 f"document ({len(docs)}), each 0 or DOC_FLAG_UNDESIRABLE")
+            flags = [a | int(b) for a, b in zip(flags, doc_flags)]
+        flags = bytes(flags)
         self._shard_for(offset).add(ids_all, lens, spans, flags, loss_tokens, hi)
 
     def add_block(self, block: SampleBlock) -> None:

@@ -26,7 +26,7 @@ ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # any subset; "none" = no tracker
 NEW_TOKEN_INITS = ("auto", "mean", "decompose")
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")  # trainer/preference.py
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # trainer/preference.py, trainer/kto.py
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -91,6 +91,8 @@ class TrainArgs:
     simpo_gamma: float = 0.5
     orpo_alpha: float = 0.1
     sft_weight: float = 0.0
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
     ref_model_path: str | None = None
     precomputed_ref_logps: bool = False
 
@@ -224,15 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective (preference: trainer/preference.py)")
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="sft: next-token loss on qa/chat/pretrain data; dpo|ipo|orpo|simpo: on "
-                   "preference pairs (encoder --encode_type preference)")
+                   "preference pairs (encoder --encode_type preference); kto: on unpaired "
+                   "desirable/undesirable examples (encoder --encode_type kto)")
     _add_float_flags(g, d, {
-        "beta": "dpo/ipo/simpo temperature (TRL's beta; IPO's tau)",
+        "beta": "dpo/ipo/simpo/kto temperature (TRL's beta; IPO's tau)",
         "label_smoothing": "dpo/simpo: probability that a pair's labels are flipped (conservative "
                            "DPO), in [0, 0.5)",
         "simpo_gamma": "simpo target reward margin gamma",
         "orpo_alpha": "orpo weight of the odds ratio term (the paper's lambda, TRL's beta)",
-        "sft_weight": "add this times the chosen response's per-token NLL to every pair's loss"})
-    g.add_argument("--ref_model_path", default=None, help="dpo/ipo reference model (default: the "
+        "sft_weight": "add this times the chosen response's per-token NLL to every pair's loss",
+        "kto_desirable_weight": "kto: weight of the desirable examples' losses (TRL's "
+                                "desirable_weight; KTO paper: keep w_d n_d / (w_u n_u) in "
+                                "[1, 4/3])",
+        "kto_undesirable_weight": "kto: weight of the undesirable examples' losses (TRL's "
+                                  "undesirable_weight)"})
+    g.add_argument("--ref_model_path", default=None, help="dpo/ipo/kto reference model (default: the "
                    "starting --model_path; under LoRA: the policy with adapters disabled)")
     g.add_argument("--precomputed_ref_logps", action="store_true", help="dpo/ipo: read the "
                    "reference log-probs from reference_logps.npz beside each dataset (python -m "
@@ -436,7 +444,12 @@ def _check_objective(args: TrainArgs, problems: list[str]) -> None:
                               ("sft_weight", 0.0)):
             if getattr(args, name) != default:
                 problems.append(f"--{name} is for preference objectives; add --objective "
-                                f"dpo|ipo|orpo|simpo or drop it")
+                                f"dpo|ipo|orpo|simpo|kto or drop it")
+    if args.objective != "kto":
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if getattr(args, name) != 1.0:
+                problems.append(f"--{name} is for --objective kto; add it or drop the flag")
+    if args.objective == "sft":
         return
     if args.beta <= 0:
         problems.append(f"--beta must be > 0 (got {args.beta})")
@@ -446,11 +459,32 @@ def _check_objective(args: TrainArgs, problems: list[str]) -> None:
         problems.append(f"--label_smoothing applies to dpo and simpo, not {args.objective}")
     if args.orpo_alpha < 0 or args.sft_weight < 0:
         problems.append("--orpo_alpha and --sft_weight must be >= 0")
-    if args.objective not in ("dpo", "ipo") and (args.ref_model_path or args.precomputed_ref_logps):
+    if args.objective == "kto":
+        _check_kto(args, problems)
+    elif args.objective not in ("dpo", "ipo") and (args.ref_model_path or
+                                                   args.precomputed_ref_logps):
         problems.append(f"--objective {args.objective} uses no reference model; drop "
                         f"--ref_model_path/--precomputed_ref_logps")
     if args.ref_model_path and not (Path(args.ref_model_path) / "config.json").is_file():
         problems.append(f"--ref_model_path {args.ref_model_path}: no config.json there")
+
+
+def _check_kto(args: TrainArgs, problems: list[str]) -> None:
+    if args.kto_desirable_weight <= 0 or args.kto_undesirable_weight <= 0:
+        problems.append("--kto_desirable_weight and --kto_undesirable_weight must be > 0")
+    if args.sft_weight:
+        problems.append("--sft_weight applies to pair objectives (an NLL term on chosen), not kto")
+    if args.precomputed_ref_logps:
+        problems.append("--precomputed_ref_logps is not supported with --objective kto: the KL "
+                        "reference point uses mismatched (prompt, completion) sequences built "
+                        "from each step's batch, so their reference log-probs cannot be computed "
+                        "once per dataset; drop the flag (the reference model then runs beside "
+                        "the policy; under --use_lora it is the policy with adapters disabled)")
+    if args.micro_batch_size * args.gradient_accumulation_steps < 2:
+        problems.append("--objective kto estimates its KL reference point from mismatched "
+                        "(prompt, completion) pairs within each rank's step, which needs at least "
+                        "2 examples: raise --micro_batch_size or --gradient_accumulation_steps "
+                        "(TRL likewise needs per_device_train_batch_size > 1)")
 
 
 def _deepspeed_section_problems(args: TrainArgs, path: Path) -> list[str]:

@@ -77,9 +77,9 @@ def prompt_format_of(manifests: list[dict]) -> dict | None:
     for m in manifests:
         meta = m.get("metadata", {})
         enc = meta.get("encoder", {})
-        if m.get("encode_type") in ("qa", "chat", "preference") and enc.get("template"):
+        if m.get("encode_type") in ("qa", "chat", "preference", "kto") and enc.get("template"):
             # preference pairs: prompts are chat messages, formatted by the same template
-            kind = "chat" if m["encode_type"] == "preference" else m["encode_type"]
+            kind = "chat" if m["encode_type"] in ("preference", "kto") else m["encode_type"]
             return {"encode_type": kind, "template": enc["template"],
                     "max_length": m.get("max_length"),
                     "special_tokens": meta.get("special_tokens")}

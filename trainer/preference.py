@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from shardfmt.preference import is_preference, pair_counts, split_pairs
+from shardfmt.preference import is_kto, is_preference, pair_counts, split_pairs
 from trainer.data import IGNORE_INDEX, RankSampler, collate
 from trainer.errors import UsageError
 
@@ -67,10 +67,12 @@ class ObjectiveSettings:
     simpo_gamma: float = 0.5
     orpo_alpha: float = 0.1
     sft_weight: float = 0.0
+    desirable_weight: float = 1.0      # kto (trainer/kto.py): TRL's desirable_weight
+    undesirable_weight: float = 1.0    # kto: TRL's undesirable_weight
 
     @property
     def needs_reference(self) -> bool:
-        return self.objective in REFERENCE_OBJECTIVES
+        return self.objective in REFERENCE_OBJECTIVES or self.objective == "kto"
 
 
 # -- the losses (pure functions of per-pair log-probs; fp32 or fp64) ------------------------------
@@ -240,12 +242,14 @@ class _PairCollator:
 
 def pair_loader(source: PairSource, sampler, *, start: int, rank: int, world_size: int,
                 micro_batch_size: int, pad_id: int, flatten: bool, num_workers: int,
-                seed: int) -> DataLoader:
-    """Endless DataLoader of pair micro-batches (same global order as `trainer.data.train_loader`)."""
+                seed: int, collator=None) -> DataLoader:
+    """Endless DataLoader of pair micro-batches (same global order as `trainer.data.train_loader`);
+    `collator`: another collate callable (kto's unpaired examples)."""
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(source, batch_size=micro_batch_size,
                       sampler=RankSampler(sampler, start=start, rank=rank, world_size=world_size),
-                      collate_fn=_PairCollator(pad_id, flatten), num_workers=num_workers,
+                      collate_fn=collator or _PairCollator(pad_id, flatten),
+                      num_workers=num_workers,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
                       generator=generator)
 
@@ -260,8 +264,8 @@ def sequence_logps(model, inputs: dict, batch: dict) -> tuple[torch.Tensor, torc
 def logps_from_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"].to(logits.device)
     next_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    return _per_sequence(logits, next_labels, batch["label_seq"].to(logits.device),
-                         2 * batch["num_pairs"])
+    n = batch["num_seqs"] if "num_seqs" in batch else 2 * batch["num_pairs"]  # kto: one per example
+    return _per_sequence(logits, next_labels, batch["label_seq"].to(logits.device), n)
 
 
 def chosen_nll_from_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,33 +357,46 @@ def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_p
 
 # -- the run-time part ---------------------------------------------------------------------------
 def check_datasets(objective: str, sources: dict[str, list]) -> None:
-    """Preference objectives need every source to be a pair dataset and SFT needs none to be (a
-    mix of pair and non-pair sources is refused either way); names the flag and the source."""
+    """Pair objectives need every source to be a pair dataset, kto every source an unpaired
+    (encode_type kto) dataset, and SFT neither (mixes of kinds are refused); names the flag and
+    the source."""
+    want = {"sft": "plain", "kto": "kto"}.get(objective, "pairs")
+    encode = {"pairs": "--encode_type preference", "kto": "--encode_type kto",
+              "plain": "--encode_type qa|chat|pretrain"}[want]
     for flag, datasets in sources.items():
         for ds in datasets:
             manifests = ds.manifests
             if not manifests:   # Megatron data: plain sequences, no manifest, no pairs
-                if objective != "sft":
+                if want != "plain":
                     raise UsageError(f"{flag} {' '.join(ds.paths)}: a {ds.kind} dataset of plain "
-                                     f"sequences, but --objective {objective} needs preference "
-                                     f"pairs in every source (encode with --encode_type "
-                                     f"preference); mixing pair and non-pair data is not "
-                                     f"supported: train SFT data in its own run, or add "
-                                     f"--sft_weight for an NLL term on the chosen responses")
+                                     f"sequences, but --objective {objective} needs "
+                                     f"{_NEED_TEXT[want]} in every source (encode with {encode}); "
+                                     f"mixing kinds is not supported: train SFT data in its own "
+                                     f"run, or add --sft_weight for an NLL term on the chosen "
+                                     f"responses")
                 continue
             for path, m in zip(ds.paths, manifests):
-                pairs = is_preference(m)
-                if objective == "sft" and pairs:
-                    raise UsageError(f"{flag} {path}: a preference (pair) dataset; train it with "
-                                     f"--objective dpo|ipo|orpo|simpo (add --sft_weight for an NLL "
-                                     f"term on chosen), or encode the data as qa/chat for SFT; "
-                                     f"pair and non-pair data cannot be mixed in one run")
-                if objective != "sft" and not pairs:
-                    raise UsageError(f"{flag} {path}: encode_type {m.get('encode_type')!r}, but "
-                                     f"--objective {objective} needs preference pairs in every "
-                                     f"source (encode with --encode_type preference); mixing pair "
-                                     f"and non-pair data is not supported: train SFT data in its "
-                                     f"own run, or add --sft_weight for an NLL term on chosen")
+                have = "pairs" if is_preference(m) else "kto" if is_kto(m) else "plain"
+                if have == want:
+                    continue
+                if objective == "sft":
+                    raise UsageError(f"{flag} {path}: a {_KIND_TEXT[have]} dataset; train it with "
+                                     f"--objective {'kto' if have == 'kto' else 'dpo|ipo|orpo|simpo'}"
+                                     f", or encode the data as qa/chat for SFT; kinds of data "
+                                     f"cannot be mixed in one run")
+                raise UsageError(f"{flag} {path}: encode_type {m.get('encode_type')!r} "
+                                 f"({_KIND_TEXT[have]}), but --objective {objective} needs "
+                                 f"{_NEED_TEXT[want]} in every source (encode with {encode}"
+                                 + (f", or use --objective {'kto' if have == 'kto' else 'dpo'}"
+                                    if have != "plain" else "") +
+                                 "); mixing kinds is not supported: train SFT data in its own "
+                                 "run, or add --sft_weight for an NLL term on chosen")
+
+
+_KIND_TEXT = {"pairs": "preference (pair)", "kto": "unpaired feedback (kto)",
+              "plain": "plain (sft)"}
+_NEED_TEXT = {"pairs": "preference pairs", "kto": "unpaired feedback examples (kto)",
+              "plain": "plain sequences"}
 
 
 class PreferenceRun:
@@ -646,12 +663,16 @@ def plot_preference_curves(history: list[dict], eval_history: list[dict], path: 
     if ev:
         axes[0].plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", label="eval loss")
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        axes[1].plot(steps, [h[key] for h in rows], label=key)
-    axes[2].plot(steps, [h["rewards/accuracies"] for h in rows], label="train")
+        axes[1].plot(steps, [np.nan if h[key] is None else h[key] for h in rows], label=key)
+    if rows and "rewards/accuracies" in rows[0]:   # kto logs no accuracies (as TRL's KTO)
+        axes[2].plot(steps, [h["rewards/accuracies"] for h in rows], label="train")
+    elif rows and "kl" in rows[0]:
+        axes[2].plot(steps, [h["kl"] for h in rows], label="kl (z0)")
     if ev and "eval_rewards/accuracies" in ev[0]:
         axes[2].plot([e["step"] for e in ev], [e["eval_rewards/accuracies"] for e in ev], "o-",
                      label="eval")
-    for ax, title in zip(axes, ("loss", "rewards", "rewards/accuracies")):
+    third = "kl" if rows and "kl" in rows[0] else "rewards/accuracies"
+    for ax, title in zip(axes, ("loss", "rewards", third)):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

@@ -210,10 +210,12 @@ class Trainer:
                                      "--eval_data_path": self.eval_data.sources if self.eval_data else []})
         if a.objective == "sft":
             return None
-        return PreferenceRun(
+        from trainer.kto import KtoRun
+        return (KtoRun if a.objective == "kto" else PreferenceRun)(
             ObjectiveSettings(a.objective, beta=a.beta, label_smoothing=a.label_smoothing,
                               simpo_gamma=a.simpo_gamma, orpo_alpha=a.orpo_alpha,
-                              sft_weight=a.sft_weight),
+                              sft_weight=a.sft_weight, desirable_weight=a.kto_desirable_weight,
+                              undesirable_weight=a.kto_undesirable_weight),
             train_ds=self.train_ds, eval_ds=self.eval_ds, args=a, info=self.info, dtype=self.dtype,
             attn=self.attn, flatten=self.flatten, pad_id=self.pad_id, train_sources=self.train_data)
 
@@ -536,7 +538,8 @@ class Trainer:
             loader = pair_loader(self.pref.train_source, self.sampler, start=st.consumed_samples,
                                  rank=info.rank, world_size=info.world_size,
                                  micro_batch_size=a.micro_batch_size, pad_id=self.pad_id,
-                                 flatten=self.flatten, num_workers=a.num_workers, seed=a.seed)
+                                 flatten=self.flatten, num_workers=a.num_workers, seed=a.seed,
+                                 collator=getattr(self.pref, "collator", None))  # kto's
         else:
             loader = train_loader(self.train_ds, self.sampler, start=st.consumed_samples,
                                   rank=info.rank, world_size=info.world_size,
@@ -627,6 +630,11 @@ class Trainer:
         result = self.evaluate()
         self.state.eval_history.append(result)
         self._reported(lambda: rep.log(result))
+        if self.pref is not None and "eval_kl" in result:   # kto (trainer/kto.py)
+            rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} kl "
+                      f"{result['eval_kl']:.4f} rewards/chosen {result['eval_rewards/chosen']} "
+                      f"rewards/rejected {result['eval_rewards/rejected']}")
+            return
         if self.pref is not None:
             rep.write(f"step {result['step']}: eval loss {result['eval_loss']:.4f} reward accuracy "
                       f"{result['eval_rewards/accuracies']:.3f} margin "

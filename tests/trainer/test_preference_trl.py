@@ -326,3 +326,107 @@ def test_kto_loss_equals_trl_kto_trainer(setup, tmp_path):
           "  ".join(f"{k} {a:+.7f}/{b:+.7f}" for k, a, b in rows))
     assert float(mine["kl"]) > 0    # the policy moved: the KL reference point is not clamped
     assert worst <= TOL
+
+
+class _Engine:
+    """The bits of a DeepSpeed engine `KtoRun.train_step` calls, around a plain model: backward
+    records the scaled losses (no optimizer step, so every micro-batch sees the same weights)."""
+
+    def __init__(self, model):
+        self.module, self.backwards = model, []
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        self.backwards.append(float(loss.detach()))
+
+    def step(self):
+        pass
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.eval()   # keep dropout-free eval mode for the comparison
+
+
+def _kto_run(setup, policy_name: str, ref_name: str, *, beta, w_d, w_u, mbs=2):
+    from trainer.kto import KtoRun
+    from trainer.preference import ObjectiveSettings as Settings
+    args = types.SimpleNamespace(ref_model_path=None, model_path="unused", micro_batch_size=mbs,
+                                 precomputed_ref_logps=False)
+    info = types.SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0)
+    ds = types.SimpleNamespace(manifests=[{"kto": {"sequence_max_length": 4096}}])
+    run = KtoRun(Settings("kto", beta=beta, desirable_weight=w_d, undesirable_weight=w_u),
+                 train_ds=ds, eval_ds=None, args=args, info=info, dtype=torch.float32,
+                 attn="sdpa_varlen", flatten=True, pad_id=3)
+    run.ref_model = setup["models"][ref_name]
+    return run, _Engine(setup["models"][policy_name])
+
+
+def _kto_examples(setup):
+    labels = [True, False, True, True, False, False]
+    prompts = [pair[0][:pair[2]] for pair in setup["pairs"]]
+    completions = [pair[0 if lab else 1][pair[2]:] for pair, lab in zip(setup["pairs"], labels)]
+    return prompts, completions, labels
+
+
+def test_kto_step_equals_trl_kto_trainer(setup, tmp_path):
+    """The trainer's whole kto step (`KtoRun.train_step`: unpaired collate, mismatched sequences
+    over the step's examples, z0, per-example losses over the global count, TRL's metrics) on 6
+    examples == TRL 1.16's `KTOTrainer._compute_loss` on them as one batch (its own collator,
+    KL_completion_ids rotated by one as its dataset map does): loss, kl, rewards/chosen,
+    rewards/rejected, rewards/margins, logps/chosen, logps/rejected; in one micro-batch of 6 or
+    accumulated (3 x 2, 2 x 3), unpacked or packed (2 or 3 examples a sample)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    from trainer.kto import collate_unpaired
+    beta, w_d, w_u = 0.1, 1.3, 0.7
+    d = setup["dir"]
+    prompts, completions, labels = _kto_examples(setup)
+    # roles swapped (policy: "ref", reference: "policy") so that z0 > 0 is not clamped to 0
+    policy = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": "w1 w2", "completion": " w3", "label": True},
+                            {"prompt": "w1 w2", "completion": " w9", "label": False}])
+    cfg = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=beta,
+                    desirable_weight=w_d, undesirable_weight=w_u, per_device_train_batch_size=6,
+                    bf16=False, fp16=False, max_length=None)
+    trl = KTOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=ds,
+                     processing_class=setup["tok"])
+    trl.model.eval()
+    examples = [{"prompt_ids": p.tolist(), "completion_ids": c.tolist(),
+                 "KL_completion_ids": completions[(i - 1) % len(prompts)].tolist(), "label": lab}
+                for i, (p, c, lab) in enumerate(zip(prompts, completions, labels))]
+    with torch.no_grad():
+        trl_loss = float(trl._compute_loss(trl.model, trl.data_collator(examples), False))
+    m = {key: v[-1] for key, v in trl._metrics["eval"].items()}
+    keys = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+            "logps/rejected")
+    rows = []
+    for per_sample, micro_examples in ((1, 6), (1, 2), (2, 6), (3, 3), (1, 3)):
+        samples = []
+        for k in range(0, 6, per_sample):
+            seqs = [np.concatenate([p, c]) for p, c in zip(prompts[k:k + per_sample],
+                                                          completions[k:k + per_sample])]
+            masks = [np.arange(len(s)) >= len(p) for s, p in zip(seqs, prompts[k:k + per_sample])]
+            samples.append((Sample(np.concatenate(seqs), np.concatenate(masks),
+                                   np.array([len(s) for s in seqs], np.int32)),
+                            np.array(labels[k:k + per_sample])))
+        per_micro = micro_examples // per_sample
+        micro = [collate_unpaired(samples[k:k + per_micro], pad_id=3, flatten=True)
+                 for k in range(0, len(samples), per_micro)]
+        run, engine = _kto_run(setup, "ref", "policy", beta=beta, w_d=w_d, w_u=w_u)
+        with torch.no_grad():
+            loss, n = run.train_step(engine, micro)
+        assert n == 6 and abs(sum(engine.backwards) - loss) < 1e-6   # what backward saw
+        rows.append((f"{per_sample}/sample, {micro_examples}/micro-batch",
+                     [(loss, trl_loss)] + [(run.last[k], m[k]) for k in keys]))
+    worst = max(abs(a - b) for _, cols in rows for a, b in cols)
+    print(f"\nkto step: max |ours - TRL| = {worst:.2e}  (loss, " + ", ".join(keys) + ")")
+    for name, cols in rows:
+        print(f"  {name}: " + "  ".join(f"{a:+.7f}/{b:+.7f}" for a, b in cols))
+    assert m["kl"] > 0 and worst <= TOL
