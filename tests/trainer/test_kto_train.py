@@ -1,0 +1,147 @@
+"""`--objective kto` end to end on CPU (fp32) on LLaMA-Factory's kto_en_demo.json, encoded through
+the bundled plugin (llama2 tokenizer and template, --max_length 128, --truncation right) for a tiny
+llama with llama2's vocabulary: the first step is exactly 0.5 (policy == reference: every reward
+and z0 are 0, each loss w (1 - sigmoid(0))), TRL's KTO metrics reach the JSONL / TensorBoard /
+curves PNG, accumulation 4 x 1 == micro-batch 4 (the KL pairs span the rank's whole step),
+resume reproduces the uninterrupted run, LoRA's reference is the adapter-free policy, and bad
+combinations exit 2. (Equality with TRL's KTOTrainer: tests/trainer/test_preference_trl.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer_testlib import check_ok, run_trains
+
+STEPS = 4
+TOL = 2e-6
+COMMON = ["--objective", "kto", "--beta", "0.5", "--max_steps", str(STEPS), "--learning_rate",
+          "3e-3", "--lr_scheduler", "linear", "--logging_steps", "1", "--seed", "5",
+          "--precision", "fp32", "--num_workers", "0", "--no-shuffle_data", "--no_timestamp"]
+
+
+@pytest.fixture(scope="module")
+def kto_assets(shared_dir, tmp_path_factory) -> dict:
+    from transformers import AutoTokenizer
+
+    from encoder.main import main as encode_main
+    from family_testlib import build_family_model
+    root = tmp_path_factory.mktemp("kto")
+    tok_dir = shared_dir / "tokenizers" / "llama2"
+    assert encode_main(["--tokenizer_path", str(tok_dir), "--encode_type", "kto", "--template",
+                        "llama2", "--data_loader_path",
+                        str(Path(__file__).resolve().parents[2] / "encoder" / "user_data_loader"
+                            / "kto_messages.py"),
+                        "--data_loader_args", f"path={shared_dir / 'data' / 'kto_en_demo.json'}",
+                        "--output_path", str(root / "data"), "--corpus_name", "kto_en",
+                        "--max_length", "128", "--truncation", "right"]) == 0
+    build_family_model(root / "model", "llama")
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(root / "model"))
+    return {"root": root, "model": root / "model", "data": root / "data" / "kto_en"}
+
+
+def _args(a: dict, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--model_path", str(a["model"]), "--data_path", str(a["data"]), "--output_path",
+            str(out), "--save_name", name, *COMMON, *extra]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def _train(run_dir: Path) -> list[dict]:
+    return [r for r in _log(run_dir) if "eval_loss" not in r]
+
+
+@pytest.fixture(scope="module")
+def kto_runs(kto_assets, tmp_path_factory) -> dict:
+    """Micro-batch 4 (with eval and a mid-way save), accumulation 4 x 1, LoRA, side by side; then
+    the resume from step 2, and two refused runs."""
+    out = tmp_path_factory.mktemp("kto_runs")
+    a = kto_assets
+    procs = run_trains(timeout=900, arg_lists=[
+        _args(a, out, "micro4", "--micro_batch_size", "4", "--eval_data_path", str(a["data"]),
+              "--save_steps", "2", "--save_optimizer", "--report_to", "tensorboard",
+              "--kto_desirable_weight", "1.0", "--kto_undesirable_weight", "1.0"),
+        _args(a, out, "accum4", "--micro_batch_size", "1", "--gradient_accumulation_steps", "4"),
+        _args(a, out, "lora", "--micro_batch_size", "4", "--use_lora", "--learning_rate", "1e-2",
+              "--kto_desirable_weight", "1.5"),
+    ])
+    for p in procs:
+        check_ok(p)
+    procs = run_trains(timeout=900, arg_lists=[
+        _args(a, out, "resumed", "--micro_batch_size", "4", "--load_ckpt_path",
+              str(out / "micro4" / "checkpoints" / "step_2")),
+        _args(a, out, "bad", "--micro_batch_size", "1", "--precomputed_ref_logps",
+              "--kto_desirable_weight", "0"),
+    ])
+    check_ok(procs[0])
+    return {"out": out, "bad": procs[1]}
+
+
+def test_first_step_metrics_and_outputs(kto_runs):
+    out = kto_runs["out"]
+    train = _train(out / "micro4")
+    assert len(train) == STEPS
+    first = train[0]
+    assert abs(first["loss"] - 0.5) < 1e-6 and first["kl"] == 0.0
+    assert abs(first["rewards/chosen"] or 0.0) < 1e-6 and abs(first["rewards/rejected"] or 0) < 1e-6
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                "logps/rejected", "kl", "examples_per_step", "desirable_fraction"):
+        assert all(key in r for r in train), key
+    assert all(r["examples_per_step"] == 4 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    (ev,) = [r for r in _log(out / "micro4") if "eval_loss" in r]
+    assert ev["eval_examples"] > 100 and ev["eval_kl"] >= 0 and "eval_rewards/chosen" in ev
+    assert (out / "micro4" / "preference_curves.png").stat().st_size > 1000
+    assert list((out / "micro4" / "tensorboard").glob("events.*"))
+    resolved = json.loads((out / "micro4" / "checkpoints" / f"step_{STEPS}" /
+                           "resolved_config.json").read_text())
+    assert resolved["objective"] == "kto" and resolved["reference"].startswith("model ")
+    assert resolved["args"]["kto_desirable_weight"] == 1.0
+
+
+def test_accumulation_and_resume_equal_the_run(kto_runs):
+    out = kto_runs["out"]
+    base = [r["loss"] for r in _train(out / "micro4")]
+    accum = [r["loss"] for r in _train(out / "accum4")]
+    assert max(abs(x - y) for x, y in zip(base, accum)) <= TOL, (base, accum)
+    for key in ("kl", "rewards/chosen", "logps/rejected"):
+        x, y = [r[key] for r in _train(out / "micro4")], [r[key] for r in _train(out / "accum4")]
+        assert max(abs((u or 0) - (v or 0)) for u, v in zip(x, y)) <= 1e-5, (key, x, y)
+    resumed = [r["loss"] for r in _train(out / "resumed")]
+    assert len(resumed) == STEPS - 2
+    assert max(abs(x - y) for x, y in zip(base[2:], resumed)) <= TOL, (base, resumed)
+
+
+def test_lora_reference_is_the_adapter_free_policy(kto_runs):
+    run = kto_runs["out"] / "lora"
+    train = _train(run)
+    # policy == reference at step 1: each loss is w (1 - sigmoid(0)) = w / 2, w_d = 1.5, w_u = 1
+    want = (1.5 * train[0]["desirable_fraction"] + (1 - train[0]["desirable_fraction"])) / 2
+    assert abs(train[0]["loss"] - want) < 1e-6 and train[-1]["loss"] < train[0]["loss"]
+    resolved = json.loads((run / "checkpoints" / f"step_{STEPS}" /
+                           "resolved_config.json").read_text())
+    assert resolved["reference"] == "policy with LoRA adapters disabled"
+
+
+def test_bad_combinations_refused(kto_runs):
+    bad = kto_runs["bad"]
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    for words in ("--precomputed_ref_logps is not supported with --objective kto",
+                  "must be > 0", "at least 2 examples"):
+        assert words in bad.stderr, (words, bad.stderr[-2000:])
+
+
+def test_kto_and_pair_data_are_not_mixed(kto_assets):
+    from shardfmt import open_dataset
+    from trainer.errors import UsageError
+    from trainer.preference import check_datasets
+    ds = open_dataset(kto_assets["data"])
+    with pytest.raises(UsageError, match="unpaired feedback .* use --objective kto"):
+        check_datasets("dpo", {"--data_path": [ds]})
+    with pytest.raises(UsageError, match="train it with --objective kto"):
+        check_datasets("sft", {"--data_path": [ds]})
+    check_datasets("kto", {"--data_path": [ds]})   # no error
