@@ -54,5 +54,9 @@ def merge_datasets(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                              "parts": [m.get("metadata", {}) for m in ds.manifests]}}
     if "preference" in first:  # pair datasets: the pair count covers every part
         manifest["preference"] = {**first["preference"], "pairs": totals["docs"] // 2}
+    if "kto" in first:  # unpaired examples: the label counts cover every part
+        counts = {k: sum(m["kto"][k] for m in ds.manifests)
+                  for k in ("examples", "desirable", "undesirable")}
+        manifest["kto"] = {**first["kto"], **counts}
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return out

@@ -92,6 +92,32 @@ def verify_dataset(ds: "TokenDataset") -> list[str]:
     if manifest and manifest.get("encode_type") == "preference":  # shardfmt/preference.py
         for shard in ds.shards():
             problems += _check_pairs(shard)
+    if manifest and hasattr(ds, "shards"):
+        problems += _check_doc_flags(ds)
+    return problems
+
+
+def _check_doc_flags(ds) -> list[str]:
+    """doc_flags use only their defined bits: bit 0 anywhere, bit 1 (undesirable) only in kto
+    datasets, where the number of undesirable segments equals the manifest's "kto" count."""
+    from shardfmt.spec import DOC_FLAG_CONTINUES, DOC_FLAG_UNDESIRABLE
+    kto = ds.manifest.get("encode_type") == "kto"
+    allowed = DOC_FLAG_CONTINUES | (DOC_FLAG_UNDESIRABLE if kto else 0)
+    problems, undesirable = [], 0
+    for shard in ds.shards():
+        try:
+            flags = np.asarray(shard.open()["doc_flags"])
+        except (CorruptShardError, ValueError):
+            continue  # reported above
+        bad = np.flatnonzero(flags & np.uint8(0xFF ^ allowed))
+        if bad.size:
+            problems.append(f"{shard.idx_path}: document segment {int(bad[0])} has doc_flags "
+                            f"{int(flags[bad[0]])}; allowed bits here: {allowed:#04b}")
+        undesirable += int(np.count_nonzero(flags & DOC_FLAG_UNDESIRABLE))
+    want = ds.manifest.get("kto", {}).get("undesirable") if kto else None
+    if kto and want != undesirable and len(ds.manifests) == 1:
+        problems.append(f"{ds.paths[0]}: {undesirable} undesirable examples in the index, the "
+                        f"manifest's 'kto' record says {want}")
     return problems
 
 

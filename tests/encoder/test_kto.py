@@ -156,3 +156,29 @@ def test_llama_factory_kto_demo(tmp_path):
         # one trained run: earlier assistant turns of multi-turn records are prompt
         edges = np.flatnonzero(np.diff(np.r_[0, e.sample.loss_mask.astype(np.int8), 0]))
         assert len(edges) == 2
+
+
+def test_parts_merge_into_one_kto_dataset(tmp_path, hermetic_tokenizer_dir):
+    """--part 0/2 and 1/2 merged: same examples and labels as one encode, label counts summed."""
+    from shardfmt.merge import merge_datasets
+    rows = [dict(ROWS[k % 2], prompt=f"Question {k}?") for k in range(6)]
+    whole = open_dataset(_encode(tmp_path, hermetic_tokenizer_dir, rows, name="whole"))
+    for i in range(2):
+        (tmp_path / f"p{i}").mkdir()
+    parts = [_encode(tmp_path / f"p{i}", hermetic_tokenizer_dir, rows, "--part", f"{i}/2",
+                     name="c") for i in range(2)]
+    merged = open_dataset(merge_datasets(parts, tmp_path / "merged" / "c"))
+    assert merged.manifest["kto"]["undesirable"] == 3 == whole.manifest["kto"]["undesirable"]
+    assert _all(merged) == _all(whole) and verify_dataset(merged) == []
+
+
+def test_writer_refuses_unknown_flag_bits(tmp_path):
+    from shardfmt import ShardWriter
+    with ShardWriter(tmp_path, "w", dtype="uint16", encode_type="kto", max_length=8,
+                     tokenizer_info={}, overwrite=True) as w:
+        with pytest.raises(ValueError, match="doc_flags"):
+            w.add_sample([(np.array([1, 2]), np.array([0, 1]))], doc_flags=[4])
+        w.add_sample([(np.array([1, 2]), np.array([0, 1]))], doc_flags=[2])
+        w.manifest_extra["kto"] = {"layout": "unpaired", "undesirable": 1}
+    ds = open_dataset(tmp_path / "w")
+    assert segment_desirable(ds, 0).tolist() == [False] and verify_dataset(ds) == []

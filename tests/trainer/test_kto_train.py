@@ -145,3 +145,22 @@ def test_kto_and_pair_data_are_not_mixed(kto_assets):
     with pytest.raises(UsageError, match="train it with --objective kto"):
         check_datasets("sft", {"--data_path": [ds]})
     check_datasets("kto", {"--data_path": [ds]})   # no error
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_in_lockstep(kto_assets, tmp_path):
+    """2 ranks under ZeRO-3 (the KL forwards gather partitioned weights, so every rank must run
+    them in step), with eval: the run ends, z0 is shared (first step 0.5 exactly) and it learns."""
+    from trainer_testlib import run_train
+    run_train(_args(kto_assets, tmp_path, "z3", "--micro_batch_size", "2", "--zero_stage", "3",
+                    "--eval_data_path", str(kto_assets["data"])),
+              launcher="torchrun", nproc=2, timeout=900)
+    train = _train(tmp_path / "z3")
+    assert abs(train[0]["loss"] - 0.5) < 1e-6 and train[-1]["loss"] < train[0]["loss"]
+    assert all(r["examples_per_step"] == 4 for r in train)
+    (ev,) = [r for r in _log(tmp_path / "z3") if "eval_loss" in r]
+    assert ev["eval_examples"] == kto_assets_examples(kto_assets)
+
+
+def kto_assets_examples(a: dict) -> int:
+    return json.loads((a["data"] / "manifest.json").read_text())["kto"]["examples"]
