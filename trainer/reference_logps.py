@@ -77,7 +77,10 @@ def check_inputs(args: argparse.Namespace) -> list:
             continue
         if not is_preference(ds.manifest):
             problems.append(f"--data_path {d}: not a preference dataset (encode_type "
-                            f"{ds.manifest.get('encode_type')!r})")
+                            f"{ds.manifest.get('encode_type')!r})" + (
+                                "; --objective kto computes its reference log-probs during "
+                                "training (its KL pairs depend on each step's batch)"
+                                if ds.manifest.get("encode_type") == "kto" else ""))
         elif (Path(d) / REF_LOGPS_FILE).exists() and not args.overwrite:
             problems.append(f"--data_path {d}: {REF_LOGPS_FILE} exists; pass --overwrite")
         datasets.append((Path(d), ds))
