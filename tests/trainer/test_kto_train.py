@@ -162,16 +162,22 @@ def test_kto_and_pair_data_are_not_mixed(kto_assets):
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_in_lockstep(kto_assets, tmp_path):
+def test_two_ranks_zero3_in_lockstep(kto_assets, kto_runs, tmp_path):
     """2 ranks under ZeRO-3 (the KL forwards gather partitioned weights, so every rank must run
-    them in step), with eval: the run ends, z0 is shared (first step 0.5 exactly) and it learns."""
+    them in step), with eval: the run ends and learns. Step 1 has z0 = 0 exactly (policy ==
+    reference) whatever the pairing, so its update is the 1-process run's (global normalisation):
+    step 2's rewards and log-probs equal micro4's; from then on z0 differs by design (each rank
+    rotates its own examples), so the losses do too."""
     from trainer_testlib import run_train
     run_train(_args(kto_assets, tmp_path, "z3", "--micro_batch_size", "2", "--zero_stage", "3",
                     "--eval_data_path", str(kto_assets["data"])),
               launcher="torchrun", nproc=2, timeout=900)
     train = _train(tmp_path / "z3")
-    assert abs(train[0]["loss"] - 0.5) < 1e-6 and train[-1]["loss"] < train[0]["loss"]
+    assert abs(train[0]["loss"] - 0.5) < 1e-6 and all(r["rewards/chosen"] > 0 for r in train[1:])
     assert all(r["examples_per_step"] == 4 for r in train)
+    one = _train(kto_runs / "micro4")[1]
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert abs(train[1][key] - one[key]) <= 1e-4, (key, train[1][key], one[key])
     (ev,) = [r for r in _log(tmp_path / "z3") if "eval_loss" in r]
     assert ev["eval_examples"] == json.loads((kto_assets["data"] / "manifest.json")
                                              .read_text())["kto"]["examples"]
