@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -206,11 +205,11 @@ class GigatokenEncoder:
             raise BackendError("gigatoken needs a tokenizer.json (`tokenizers`) backend; this "
                                "tokenizer has none")
         started = time.perf_counter()
-        json_file = Path(getattr(tok, "name_or_path", "")) / "tokenizer.json"
-        if type(tok).__name__ == "JsonTokenizer" and json_file.is_file():
-            # the file *is* the backend: parsing it skips serializing the loaded object
-            # (qwen3: ~1.3 s of to_str on this machine)
-            self._gt = gigatoken.Tokenizer.from_json(json_file.read_bytes())
+        json_bytes = getattr(tok, "json_bytes", None)
+        if type(tok).__name__ == "JsonTokenizer" and json_bytes is not None:
+            # the bytes `tokenizers` parsed *are* the backend: parsing them skips serializing
+            # the loaded object (qwen3: ~0.25-1.3 s of to_str) and re-reading the file
+            self._gt = gigatoken.Tokenizer.from_json(json_bytes)
         else:   # transformers (maybe with added tokens): its live backend object
             self._gt = gigatoken.Tokenizer(source)
         self.build_seconds = time.perf_counter() - started   # for the start-up line
@@ -244,6 +243,45 @@ def reference_encoder(tok: Any) -> Any:
     return fast if fast.encode_lists(probe) == slow.encode_lists(probe) else slow
 
 
+def _calibrated_gigatoken(tok: Any, reference: Any, *, texts: list[str], parallel: bool,
+                          cache_dir: Any) -> tuple[Any, str | None, str]:
+    """`(engine or None, problem or None, what was compared)`: gigatoken built and compared with
+    `reference` on the calibration set (unless a cached pass covers it) + `texts`."""
+    from encoder.verdict_cache import VerdictCache
+
+    cache = None if reference.name != "tokenizers" else VerdictCache.for_tokenizer(
+        tok, calibration=CALIBRATION_TEXTS, directory=cache_dir)
+    cached = cache.calibration_pass() if cache is not None else None
+    calib = list(texts) if cached else list(CALIBRATION_TEXTS) + list(texts)
+    what = (f"{len(texts)} texts of the first batch (this run) and on {len(CALIBRATION_TEXTS)} "
+            f"calibration strings (cached verdict of {cached.get('checked_utc', '?')}: "
+            f"{cache.path})" if cached
+            else f"{len(CALIBRATION_TEXTS)} calibration strings + {len(texts)} texts of the "
+                 f"first batch")
+    # the reference encodes the calibration texts in a side thread while gigatoken parses
+    # tokenizer.json: `tokenizers` releases the GIL while encoding, gigatoken's parse holds
+    # it (qwen3: ~0.3 s of the ~0.9 s build hidden)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate") as side:
+        ref_ids = side.submit(reference.encode, calib)
+        giga, problem = None, None
+        try:
+            giga = GigatokenEncoder(tok, split_with=reference, parallel=parallel)
+        except BackendError as e:
+            problem = str(e)
+        except Exception as e:  # noqa: BLE001 -- a young library: any load failure: "not it"
+            problem = f"gigatoken could not load the tokenizer: {type(e).__name__}: {e}"
+        ref_calib = ref_ids.result()   # a failing reference is not gigatoken's: it propagates
+    if giga is not None:
+        try:
+            problem = first_mismatch(giga, reference, calib, b_ids=ref_calib)
+        except Exception as e:  # noqa: BLE001 -- as above
+            problem = f"gigatoken failed on the calibration texts: {type(e).__name__}: {e}"
+    if problem is None and cache is not None and not cached:
+        cache.record_calibration_pass(strings=len(CALIBRATION_TEXTS))   # only passes are kept
+    return (giga if problem is None else None), problem, what
+
+
 def first_mismatch(a: Any, b: Any, texts: list[str], *, b_ids: Ragged | None = None
                    ) -> str | None:
     """Where engine `a` and engine `b` disagree on `texts` (None if nowhere). `b_ids`: `b`'s
@@ -259,14 +297,17 @@ def first_mismatch(a: Any, b: Any, texts: list[str], *, b_ids: Ragged | None = N
     return "different ids"
 
 
-def choose_backend(requested: str, tok: Any, *, texts: list[str], parallel: bool = True
-                   ) -> tuple[Any, Any, str]:
+def choose_backend(requested: str, tok: Any, *, texts: list[str], parallel: bool = True,
+                   cache_dir: Any = "default") -> tuple[Any, Any, str]:
     """`(engine, reference, reason)` for `--tokenizer_backend requested`.
 
     auto: gigatoken if it loads and equals the reference on CALIBRATION_TEXTS + `texts` (the
     first batch's texts), else tokenizers (if it equals transformers), else transformers.
     An explicit gigatoken/tokenizers is verified the same way and fails (BackendError) instead of
     falling back: a forced engine that gives other ids would write a wrong dataset.
+    A pass on CALIBRATION_TEXTS is cached per tokenizer.json content and library versions
+    (encoder/verdict_cache.py; `cache_dir`: "default" = from the environment, None = off); on a
+    hit only `texts` are compared. `texts` are compared on every run.
     """
     if requested not in TOKENIZER_BACKENDS:
         raise BackendError(f"--tokenizer_backend {requested}: choose one of "
@@ -275,29 +316,10 @@ def choose_backend(requested: str, tok: Any, *, texts: list[str], parallel: bool
     if requested == "transformers":
         split = reference if reference.name == "tokenizers" else None
         return TransformersEncoder(tok, split_with=split), reference, "requested"
-    calib = list(CALIBRATION_TEXTS) + list(texts)
-    what = f"{len(CALIBRATION_TEXTS)} calibration strings + {len(texts)} texts of the first batch"
     why_not: list[str] = []
     if requested in ("auto", "gigatoken"):
-        # the reference encodes the calibration texts in a side thread while gigatoken parses
-        # tokenizer.json: `tokenizers` releases the GIL while encoding, gigatoken's parse holds
-        # it (qwen3: ~0.3 s of the ~0.9 s build hidden)
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate") as side:
-            ref_ids = side.submit(reference.encode, calib)
-            giga, problem = None, None
-            try:
-                giga = GigatokenEncoder(tok, split_with=reference, parallel=parallel)
-            except BackendError as e:
-                problem = str(e)
-            except Exception as e:  # noqa: BLE001 -- a young library: any load failure: "not it"
-                problem = f"gigatoken could not load the tokenizer: {type(e).__name__}: {e}"
-            ref_calib = ref_ids.result()   # a failing reference is not gigatoken's: it propagates
-        if giga is not None:
-            try:
-                problem = first_mismatch(giga, reference, calib, b_ids=ref_calib)
-            except Exception as e:  # noqa: BLE001 -- as above
-                problem = f"gigatoken failed on the calibration texts: {type(e).__name__}: {e}"
+        giga, problem, what = _calibrated_gigatoken(tok, reference, texts=texts,
+                                                    parallel=parallel, cache_dir=cache_dir)
         if problem is None:
             return giga, reference, f"ids equal to {reference.name} on {what}"
         if requested == "gigatoken":

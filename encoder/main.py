@@ -116,10 +116,12 @@ def run(args: Any, *, progress: Callable[[int, int], None] | None = None) -> dic
     # computed in the background while the engine is chosen. (Started after set-up instead, it
     # took ~0.3-0.5 s from the steady phase of a 1M-token qwen3 run and gave no wall time back:
     # it holds the GIL either way.)
+    # With a tokenizer.json-only tokenizer the vocab hash comes from the cache after the first run
+    # (encoder/verdict_cache.py): no get_vocab + hash, ~0.2 s of GIL time for qwen3.
     from concurrent.futures import ThreadPoolExecutor
-    from shardfmt import tokenizer_identity
+    from encoder.verdict_cache import cached_tokenizer_identity
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity") as side:
-        identity = side.submit(tokenizer_identity, tok)
+        identity = side.submit(cached_tokenizer_identity, tok)
         return _run_loaded(args, started=started, part=part, plugin=plugin, spec=spec, tok=tok,
                            identity=identity, progress=progress, startup=startup)
 

@@ -27,11 +27,12 @@ def vocab_hash(vocab: dict[str, int]) -> str:
     return h.hexdigest()
 
 
-def tokenizer_identity(tokenizer: Any) -> dict:
+def tokenizer_identity(tokenizer: Any, *, known_vocab_hash: str | None = None) -> dict:
     """Identity of a Hugging Face tokenizer: path, class, len, special ids, added tokens, hash.
 
-    Costs one `get_vocab()` plus the hash (~0.3 s for Qwen's 151k vocabulary). Ids may be None (Qwen has no BOS);
-    id 0 is a real id, so callers must test `is None`, never truthiness.
+    Costs one `get_vocab()` plus the hash (~0.3 s for Qwen's 151k vocabulary), unless the caller
+    passes `known_vocab_hash` (the encoder caches it per tokenizer.json content). Ids may be None
+    (Qwen has no BOS); id 0 is a real id, so callers must test `is None`, never truthiness.
     """
     added = {str(tok): int(i) for tok, i in sorted(tokenizer.get_added_vocab().items(),
                                                      key=lambda kv: kv[1])}
@@ -44,5 +45,5 @@ def tokenizer_identity(tokenizer: Any) -> dict:
         "eos_id": tokenizer.eos_token_id,
         "pad_id": tokenizer.pad_token_id,
         "added_tokens": added,
-        "vocab_hash": vocab_hash(tokenizer.get_vocab()),
+        "vocab_hash": known_vocab_hash or vocab_hash(tokenizer.get_vocab()),
     }
