@@ -25,7 +25,10 @@ set-up line, with its parts: imports, tokenizer load, first batch read, engine b
 calibration; gigatoken's and tokenizers' load) is printed on its own line per case.
 Methods:
   ours: `python encoder/main.py ...` (default --tokenizer_backend auto: gigatoken when verified),
-      shards written, --num_workers 1 and 2 (gigatoken pool threads).
+      shards written, --num_workers 1 and 2 (gigatoken pool threads). Its start-up cache
+      (encoder/verdict_cache.py) lives in --out and is filled by one untimed run per case first,
+      so these rows are what every run after the first costs; `--cache_off_rows` adds rows with
+      LLM_ENCODE_CACHE=off (a first run: full calibration, vocab hash computed).
   (g) gigatoken: `gigatoken.Tokenizer(tokenizers_obj).encode_batch_list(batch of 8192 strings)`
       over the strings the encoder tokenizes, in memory, nothing written, default thread pool
       (all cores): the ceiling the targets divide by (issue 12).
@@ -120,8 +123,10 @@ def load_rows(case: str, shared: Path, replicate: int, out: Path) -> list:
 
 # -- ours -----------------------------------------------------------------------------------------
 def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
-             root: Path = ROOT) -> dict:
-    """`python ROOT/encoder/main.py ...` (`root`: this checkout, or --before's)."""
+             root: Path = ROOT, *, cache: str = "warm") -> dict:
+    """`python ROOT/encoder/main.py ...` (`root`: this checkout, or --before's). `cache`: "warm"
+    = the encoder's start-up cache (encoder/verdict_cache.py) in a directory of this benchmark,
+    filled by an untimed run first; "off" = LLM_ENCODE_CACHE=off (a first run on a machine)."""
     plugin, path = plugin_args(case, Path(args.shared), args.replicate, Path(args.out))
     out = Path(args.out) / ("ours" if root == ROOT else "before")
     name = f"{case}_{tok}_w{workers}"
@@ -131,9 +136,11 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
            "--encode_type", case, "--max_length", str(args.max_length),
            "--output_path", str(out), "--corpus_name", name, "--overwrite",
            "--num_workers", str(workers)] + (["--merge_data"] if case == "qa" else [])
+    env = {**os.environ, "LLM_ENCODE_CACHE": "off" if cache == "off"
+           else str(Path(args.out) / "encoder_cache")}
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd if Path("/usr/bin/time").exists()
-                         else cmd, capture_output=True, text=True, cwd=root)
+                         else cmd, capture_output=True, text=True, cwd=root, env=env)
     wall = time.perf_counter() - t0
     rss = re.search(r"MAXRSS_KB (\d+)", res.stderr)
     peak_rss_mb = int(rss.group(1)) / 1024 if rss else float("nan")
@@ -347,6 +354,9 @@ def main() -> None:
     ap.add_argument("--before", help="another checkout's root (e.g. `git archive main encoder "
                     "shardfmt | tar -x -C /tmp/before`): its encoder runs too, interleaved, as "
                     "the 'before' rows (before/after a change, both sides in the same run)")
+    ap.add_argument("--cache_off_rows", action="store_true",
+                    help="also run ours with LLM_ENCODE_CACHE=off (what a first run on a machine "
+                         "costs: full calibration, vocab hash computed), interleaved")
     ap.add_argument("--_baselines", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,10 +376,18 @@ def main() -> None:
                   for c, t in combos}
     t_start = time.perf_counter()
     startups: list[dict] = []
+    # fill the encoder's start-up cache (untimed, on the data files alone: the cache depends on
+    # the tokenizer only), so every timed run of ours is warm, as every run after a user's first
+    warm_args = argparse.Namespace(**{**vars(args), "replicate": 1})
+    for case, tok in combos:
+        run_ours(case, tok, workers[0], warm_args)
     for rep in range(args.repeats):
         for case, tok in combos:
             for w, results in runs[f"{case}/{tok}"]["ours"].items():
                 results.append(run_ours(case, tok, w, args))
+                if args.cache_off_rows:
+                    runs[f"{case}/{tok}"].setdefault("cache off", {}).setdefault(w, []).append(
+                        run_ours(case, tok, w, args, cache="off"))
                 if args.before:
                     runs[f"{case}/{tok}"].setdefault("before", {}).setdefault(w, []).append(
                         run_ours(case, tok, w, args, root=Path(args.before).resolve()))
@@ -427,6 +445,11 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
                 f"set-up {med(x['setup_s'] for x in o):.1f}s, engine {o[0]['backend']}, "
                 f"peak RSS {max(x['peak_rss_mb'] for x in o):,.0f} MB")
+        for w, o in r.get("cache off", {}).items():
+            rows[f"ours --num_workers {w}, LLM_ENCODE_CACHE=off"] = (
+                med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
+                f"set-up {med(x['setup_s'] for x in o):.1f}s, engine {o[0]['backend']}, "
+                f"peak RSS {max(x['peak_rss_mb'] for x in o):,.0f} MB")
         for w, o in r.get("before", {}).items():
             rows[f"before ({args.before}) --num_workers {w}"] = (
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
@@ -455,17 +478,24 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
         nan2 = (float("nan"), float("nan"))
         giga, meg = rows.get(BASELINES[1][1], nan2), rows.get(BASELINES[3][1], nan2)
         summary.append((key, giga[0] / best_s, giga[1] / best_w, meg[0] / best_s, meg[1] / best_w))
-        first = next(iter(r["ours"].values()))   # the parts: ours at the first --workers value
         nan = float("nan")
-        startup_lines.append(f"start-up {key}: ours (interpreter + imports + tokenizer load + "
-                             f"engine choice) "
-                             + ", ".join(f"--num_workers {w} {med(x['setup_s'] for x in o):.2f}s"
-                                         for w, o in r["ours"].items())
-                             + " (" + ", ".join(
-                                 f"{k} {med(x['setup_parts'].get(k, nan) for x in first):.2f}s"
-                                 for k in first[0].get("setup_parts", {})) + ")"
-                             + f"; gigatoken load {med(b.get('load_giga_s', nan) for b in base):.2f}s"
-                             f", tokenizers load {med(b.get('load_fast_s', nan) for b in base):.2f}s")
+        for variant in ("ours", "cache off", "before"):
+            if variant not in r:
+                continue
+            # the parts: at the first --workers value
+            first = next(iter(r[variant].values()))
+            name = {"ours": "ours", "cache off": "ours, LLM_ENCODE_CACHE=off",
+                    "before": f"before ({args.before})"}[variant]
+            startup_lines.append(
+                f"start-up {key}: {name} (interpreter + imports + tokenizer load + engine choice) "
+                + ", ".join(f"--num_workers {w} {med(x['setup_s'] for x in o):.2f}s"
+                            for w, o in r[variant].items())
+                + " (" + ", ".join(
+                    f"{k} {med(x['setup_parts'].get(k, nan) for x in first):.2f}s"
+                    for k in first[0].get("setup_parts", {})) + ")"
+                + ("" if variant != "ours" else
+                   f"; gigatoken load {med(b.get('load_giga_s', nan) for b in base):.2f}s"
+                   f", tokenizers load {med(b.get('load_fast_s', nan) for b in base):.2f}s"))
         results[key] = {"tokens": tokens, "seconds": {lab: v[:2] for lab, v in rows.items()}}
     for line in startup_lines:
         print(line)
