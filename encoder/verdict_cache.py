@@ -66,9 +66,20 @@ def text_digest(texts: tuple[str, ...] | list[str]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def library_version(name: str) -> str:
-    """The installed version of `name` (gigatoken has no __version__)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed version of `name` (gigatoken has no __version__): from the one
+    `name-VERSION.dist-info` directory beside the package (~1 ms), else importlib.metadata
+    (~30-60 ms with its import, on the start-up path)."""
+    import importlib
 
+    module = importlib.import_module(name)
+    found = getattr(module, "__version__", None)
+    if isinstance(found, str) and found:
+        return found
+    site = Path(module.__file__).resolve().parent.parent
+    infos = list(site.glob(f"{name}-*.dist-info"))
+    if len(infos) == 1:
+        return infos[0].name[len(name) + 1:-len(".dist-info")]
+    from importlib.metadata import PackageNotFoundError, version
     try:
         return version(name)
     except PackageNotFoundError:

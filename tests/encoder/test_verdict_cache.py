@@ -72,7 +72,10 @@ def test_every_key_part_invalidates(tok, hermetic_tokenizer_dir, tmp_path, monke
     assert other.key["tokenizer_json"] != entry(tok, cache_dir).key["tokenizer_json"]
     assert other.calibration_pass() is None
 
-    # another gigatoken or tokenizers version
+    # another gigatoken or tokenizers version (read from the installed distribution)
+    from importlib.metadata import version
+    assert verdict_cache.library_version("gigatoken") == version("gigatoken")
+    assert entry(tok, cache_dir).key["gigatoken"] == version("gigatoken")
     monkeypatch.setattr(verdict_cache, "library_version", lambda name: "99.0.0")
     assert entry(tok, cache_dir).calibration_pass() is None
     monkeypatch.undo()
