@@ -13,7 +13,9 @@ caller's tokenizer).
 
 `choose_backend("auto", ...)` takes gigatoken only if it loads the tokenizer AND its ids equal the
 reference on `CALIBRATION_TEXTS` plus the run's first batch of texts; otherwise `tokenizers`, then
-`transformers`, with the reason recorded. `cross_check_rows` re-encodes a deterministic sample of
+`transformers`, with the reason recorded. A pass on `CALIBRATION_TEXTS` is cached per
+tokenizer.json content and library versions (verdict_cache.py), so later runs compare only the
+first batch (still on every run). `cross_check_rows` re-encodes a deterministic sample of
 rows with the reference while encoding (see document_encoder.py).
 
 >>> enc, why = choose_backend("auto", tok, texts=["Hi there"])          # doctest: +SKIP
