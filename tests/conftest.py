@@ -13,6 +13,14 @@ SHARED = REPO_ROOT.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LLM_ENCODE_CACHE" not in os.environ:
+    # the encoder's calibration/vocab-hash cache (encoder/verdict_cache.py): one per test process,
+    # never the user's ~/.cache, so results do not depend on earlier runs on the machine
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["LLM_ENCODE_CACHE"] = tempfile.mkdtemp(prefix="llm-encode-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLM_ENCODE_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -18,14 +18,6 @@ PLUGINS = REPO / "encoder" / "user_data_loader"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "LLM_ENCODE_CACHE" not in os.environ:
-    # the encoder's calibration/vocab-hash cache (encoder/verdict_cache.py): one per test process,
-    # never the user's ~/.cache, so results do not depend on earlier runs on the machine
-    import atexit
-    import shutil
-    import tempfile
-    os.environ["LLM_ENCODE_CACHE"] = tempfile.mkdtemp(prefix="llm-encode-cache-")
-    atexit.register(shutil.rmtree, os.environ["LLM_ENCODE_CACHE"], True)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
