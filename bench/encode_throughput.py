@@ -45,7 +45,8 @@ Every method produces the same token count (BOS iff the tokenizer adds one, text
 the raw rows, which have no special tokens; tokens/s below is always the dataset's token count
 (stats.json) divided by the method's time, so every ratio is a ratio of times on identical input.
 Medians of `--repeats` runs (methods interleaved within each repeat, the machine is shared).
-Peak RSS of ours comes from /usr/bin/time -f %M where present.
+Peak RSS and CPU seconds (user + system, steadier than wall on a shared machine) of ours come
+from /usr/bin/time -f "%M %U %S" where present.
 """
 
 from __future__ import annotations
@@ -139,11 +140,15 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
     env = {**os.environ, "LLM_ENCODE_CACHE": "off" if cache == "off"
            else str(Path(args.out) / "encoder_cache")}
     t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd if Path("/usr/bin/time").exists()
-                         else cmd, capture_output=True, text=True, cwd=root, env=env)
+    res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M CPU_S %U %S"] + cmd
+                         if Path("/usr/bin/time").exists() else cmd,
+                         capture_output=True, text=True, cwd=root, env=env)
     wall = time.perf_counter() - t0
     rss = re.search(r"MAXRSS_KB (\d+)", res.stderr)
     peak_rss_mb = int(rss.group(1)) / 1024 if rss else float("nan")
+    # CPU seconds (user + system) of the whole process: steadier than wall on a shared machine
+    cpu = re.search(r"CPU_S ([\d.]+) ([\d.]+)", res.stderr)
+    cpu_s = float(cpu.group(1)) + float(cpu.group(2)) if cpu else float("nan")
     if res.returncode != 0:
         raise RuntimeError(f"encoder failed ({res.returncode}): {' '.join(cmd)}\n"
                            f"{res.stderr[-3000:]}")
@@ -156,6 +161,7 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
     steady_tps = float(m.group(1).replace(",", "")) if m else float("nan")
     return {"wall_s": wall, "tokens": stats["tokens"], "steady_s": stats["tokens"] / steady_tps,
             "backend": stats.get("tokenizer_backend", {}).get("name"), "peak_rss_mb": peak_rss_mb,
+            "cpu_s": cpu_s,
             "setup_s": float(setup.group(1)) if setup else float("nan"),
             "setup_parts": {k.strip(): v for k, v in setup_parts.items()},
             "fill": stats["fill"], "samples": stats["samples"], "rows": stats["rows"]}
@@ -444,16 +450,19 @@ def report(runs: dict, workers: list[int], args, *, startups: list[dict], total_
             rows[f"ours --num_workers {w}"] = (
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
                 f"set-up {med(x['setup_s'] for x in o):.1f}s, engine {o[0]['backend']}, "
+                f"CPU {med(x.get('cpu_s', float('nan')) for x in o):.2f}s, "
                 f"peak RSS {max(x['peak_rss_mb'] for x in o):,.0f} MB")
         for w, o in r.get("cache off", {}).items():
             rows[f"ours --num_workers {w}, LLM_ENCODE_CACHE=off"] = (
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
                 f"set-up {med(x['setup_s'] for x in o):.1f}s, engine {o[0]['backend']}, "
+                f"CPU {med(x.get('cpu_s', float('nan')) for x in o):.2f}s, "
                 f"peak RSS {max(x['peak_rss_mb'] for x in o):,.0f} MB")
         for w, o in r.get("before", {}).items():
             rows[f"before ({args.before}) --num_workers {w}"] = (
                 med(x["steady_s"] for x in o), med(x["wall_s"] for x in o),
-                f"set-up {med(x['setup_s'] for x in o):.1f}s, peak RSS "
+                f"set-up {med(x['setup_s'] for x in o):.1f}s, "
+                f"CPU {med(x.get('cpu_s', float('nan')) for x in o):.2f}s, peak RSS "
                 f"{max(x['peak_rss_mb'] for x in o):,.0f} MB"
                 + ("" if o[0]["tokens"] == tokens else f", {o[0]['tokens']:,} tokens"))
         base = r["base"]
