@@ -129,6 +129,8 @@ def run_ours(case: str, tok: str, workers: int, args: argparse.Namespace,
     = the encoder's start-up cache (encoder/verdict_cache.py) in a directory of this benchmark,
     filled by an untimed run first; "off" = LLM_ENCODE_CACHE=off (a first run on a machine)."""
     plugin, path = plugin_args(case, Path(args.shared), args.replicate, Path(args.out))
+    if getattr(args, "startup_path", None):   # --startup: a small slice of c4 instead
+        path = args.startup_path
     out = Path(args.out) / ("ours" if root == ROOT else "before")
     name = f"{case}_{tok}_w{workers}"
     cmd = [sys.executable, str(root / "encoder" / "main.py"),
@@ -339,6 +341,47 @@ def baselines_child(combos: list[tuple[str, str]], args: argparse.Namespace) -> 
     return {"startup": startup, "cases": cases}
 
 
+# -- start-up only (--startup N) ------------------------------------------------------------------
+def startup_runs(args: argparse.Namespace) -> None:
+    """`python encoder/main.py --encode_type pretrain` on the first N c4 documents (a run that is
+    nearly all start-up), per tokenizer: ours with a warm start-up cache, ours with
+    LLM_ENCODE_CACHE=off (a first run) and --before's encoder, interleaved, `--repeats` times.
+    Prints medians of wall, CPU (user + system) and the set-up line's parts."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    small = out / f"c4_first{args.startup}.jsonl"
+    with open(Path(args.shared) / "data" / "c4_demo.jsonl", encoding="utf-8") as f:
+        small.write_text("".join(line for _, line in zip(range(args.startup), f)),
+                         encoding="utf-8")
+    args.startup_path = str(small)
+    variants = [("ours (cache warm)", ROOT, "warm"), ("ours, LLM_ENCODE_CACHE=off", ROOT, "off")]
+    if args.before:
+        variants.append((f"before ({args.before})", Path(args.before).resolve(), "warm"))
+    toks = args.tokenizers.split(",")
+    runs = {(t, v[0]): [] for t in toks for v in variants}
+    t_start = time.perf_counter()
+    for tok in toks:
+        run_ours("pretrain", tok, 1, args)   # fills the cache (untimed)
+    for _ in range(args.repeats):
+        for tok in toks:
+            for label, root, cache in variants:
+                runs[(tok, label)].append(run_ours("pretrain", tok, 1, args, root=root,
+                                                   cache=cache))
+    med = statistics.median
+    print(f"start-up: `encoder/main.py --encode_type pretrain --num_workers 1` on the first "
+          f"{args.startup} c4 documents; medians of {args.repeats} interleaved runs; "
+          f"{os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f}; this took "
+          f"{time.perf_counter() - t_start:.0f}s.\n")
+    print("| tokenizer | encoder | wall s | CPU s | set-up s | set-up parts |\n"
+          "|---|---|---:|---:|---:|---|")
+    for (tok, label), rs in runs.items():
+        parts = rs[0]["setup_parts"]
+        print(f"| {tok} | {label} | {med(r['wall_s'] for r in rs):.2f} | "
+              f"{med(r['cpu_s'] for r in rs):.2f} | {med(r['setup_s'] for r in rs):.2f} | "
+              + ", ".join(f"{k} {med(r['setup_parts'].get(k, float('nan')) for r in rs):.2f}s"
+                          for k in parts) + " |")
+
+
 # -- driver ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -363,6 +406,9 @@ def main() -> None:
     ap.add_argument("--cache_off_rows", action="store_true",
                     help="also run ours with LLM_ENCODE_CACHE=off (what a first run on a machine "
                          "costs: full calibration, vocab hash computed), interleaved")
+    ap.add_argument("--startup", type=int, default=0, metavar="N",
+                    help="start-up only: ours (warm cache, cache off) and --before on the first N "
+                         "c4 documents, --repeats interleaved runs per tokenizer (no baselines)")
     ap.add_argument("--_baselines", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -373,6 +419,9 @@ def main() -> None:
         return
     if not (Path(args.shared) / "tokenizers").is_dir():
         print(f"skip: {args.shared}/tokenizers not found (encode benchmark needs ../shared)")
+        return
+    if args.startup:
+        startup_runs(args)
         return
     workers = [int(w) for w in args.workers.split(",")]
     more = {f"{c}/{t}" for c, t in combos} if args.more_workers_on == "all" \
