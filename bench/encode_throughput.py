@@ -10,7 +10,9 @@ target (pretrain end to end on >= 100 MB) is the same script with `--replicate 5
 --baselines gigatoken` (~100 MB of text, 31.5M llama2 tokens), and the peak-RSS target (<= 1.5 GB
 on a 2 GB corpus) `--replicate 1080 --cases pretrain --tokenizers llama2 --workers 1
 --baselines none --repeats 1 --out /tmp/enc2g` (2.0 GB of copies, 640M tokens, 1.3 GB of shards:
-delete the --out directory afterwards).
+delete the --out directory afterwards). `--startup 200 --repeats 15 --before DIR` times start-up
+alone (ours with a warm start-up cache, with LLM_ENCODE_CACHE=off, and DIR's encoder) on 200 c4
+documents.
 
 Every method is reported two ways:
   * wall: what a user waits for, process start to output done: interpreter, imports, tokenizer
