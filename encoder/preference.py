@@ -129,9 +129,9 @@ def _response_messages(value: Any, key: str) -> list[dict]:
 
 
 # -- encoding ------------------------------------------------------------------------------------
-class PairEncoder:
-    """Encodes `PairRow`s with an inner qa/chat `DocumentEncoder` (same tokenizer, same template,
-    no truncation), then truncates each pair as a unit."""
+class _ChatRowsEncoder:
+    """Rows encoded by an inner qa/chat `DocumentEncoder` (same tokenizer, same template, same
+    engine as the outer encoder's, no truncation); subclasses truncate what it returns."""
 
     def __init__(self, outer: Any):
         from encoder.document_encoder import DocumentEncoder
@@ -142,16 +142,23 @@ class PairEncoder:
         self.inner = DocumentEncoder(inner_spec, tokenizer=outer.tok)
         self.outer = outer
 
-    def encode_batch(self, rows: list[PairRow]) -> "PairBatch":
-        """The encoder pipeline's call (same engine as the outer encoder's)."""
+    def encode_batch(self, rows: list) -> "PairBatch":
+        """The encoder pipeline's call (each subclass's encode_rows)."""
         return PairBatch(self.encode_rows(rows))
 
-    def encode_rows(self, rows: list[PairRow]) -> list[PairEncoded]:
+    def _encode_chats(self, chats: list) -> list:
         if self.inner.engine is None and self.outer.engine is not None:
             self.inner.engine, self.inner.reference = self.outer.engine, self.outer.reference
             self.inner.backend_reason = self.outer.backend_reason
-        flat = [half for row in rows for half in (row.chosen, row.rejected)]
-        encoded = self.inner.encode_rows(flat)
+        return self.inner.encode_rows(chats)
+
+
+class PairEncoder(_ChatRowsEncoder):
+    """Encodes `PairRow`s (both sides by the inner chat encoder), then truncates each pair as a
+    unit."""
+
+    def encode_rows(self, rows: list[PairRow]) -> list[PairEncoded]:
+        encoded = self._encode_chats([half for row in rows for half in (row.chosen, row.rejected)])
         return [self._pair(encoded[2 * k], encoded[2 * k + 1], row.responses)
                 for k, row in enumerate(rows)]
 
@@ -361,27 +368,12 @@ def check_unpaired_row(row: Any, *, chat_messages) -> UnpairedRow:
                        responses=sum(m.get("role") == "assistant" for m in completion))
 
 
-class UnpairedEncoder:
-    """Encodes `UnpairedRow`s with an inner qa/chat `DocumentEncoder` (same tokenizer and template,
-    no truncation), keeps the completion's loss spans only, then truncates like qa/chat."""
-
-    def __init__(self, outer: Any):
-        from encoder.document_encoder import DocumentEncoder
-        self.max_length = outer.spec.max_length
-        self.mode = outer.spec.truncation
-        self.keep_prefix = len(outer.prefix)
-        inner_spec = replace(outer.spec, encode_type="chat", max_length=1 << 62)
-        self.inner = DocumentEncoder(inner_spec, tokenizer=outer.tok)
-        self.outer = outer
-
-    def encode_batch(self, rows: list[UnpairedRow]) -> "PairBatch":
-        return PairBatch(self.encode_rows(rows))
+class UnpairedEncoder(_ChatRowsEncoder):
+    """Encodes `UnpairedRow`s (by the inner chat encoder), keeps the completion's loss spans only,
+    then truncates like qa/chat."""
 
     def encode_rows(self, rows: list[UnpairedRow]) -> list[UnpairedEncoded]:
-        if self.inner.engine is None and self.outer.engine is not None:
-            self.inner.engine, self.inner.reference = self.outer.engine, self.outer.reference
-            self.inner.backend_reason = self.outer.backend_reason
-        encoded = self.inner.encode_rows([list(r) for r in rows])
+        encoded = self._encode_chats([list(r) for r in rows])
         return [self._one(enc, row) for enc, row in zip(encoded, rows)]
 
     def _one(self, enc: Any, row: UnpairedRow) -> UnpairedEncoded:
