@@ -103,6 +103,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shut_down() -> None:
+    """Wait for every rank, then end the process group through DeepSpeed.
+
+    deepspeed.comm's destroy also drops the groups DeepSpeed cached (its clone of the world
+    group): torch's alone leaves them pointing at the dead group, and the next
+    deepspeed.initialize in this process (a notebook, a test) fails with "Group ... is not
+    registered".
+    """
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+    dist.barrier()
+    deepspeed.comm.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks (float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{trainer.run_dir}") if latest else "no checkpoint was saved yet: run again"
         print(f"trainer: error at step {trainer.state.step}: {e}; {then}", file=sys.stderr)
         return EXIT_RUN_FAILED  # once training started, any failure of ours is "the run failed"
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from trainer.dist import shut_down
+    shut_down()
     return 0
 
 

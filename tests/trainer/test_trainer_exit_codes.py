@@ -145,6 +145,9 @@ def test_train_tracker_write_fails_mid_run_is_1(train_main, assets, tmp_path, mo
     monkeypatch.setattr(trainer.metrics.TensorBoardTracker, "log", real_log)
     assert train_main([*argv, "--load_ckpt_path", str(run_dir)]) == 0
     assert (ckpts / "latest").read_text().strip() == "step_3"
+    # main() ended the process group on success: a later run in this process (a notebook, the
+    # next in-process test) starts a fresh one, with no DeepSpeed group cached from the dead one
+    assert train_main(train_argv(assets, tmp_path / "again")) == 0
 
 
 # ------------------------------------------------------------------------------ trainer.export
