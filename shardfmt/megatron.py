@@ -506,6 +506,23 @@ class MegatronBuilder:
             self.discard()
 
 
+def _refuse_labelled_samples(dataset: Any) -> None:
+    """Preference pairs and KTO examples carry meaning Megatron's format has no field for (which
+    side is chosen; the desirable/undesirable label). Exported, every rejected or undesirable
+    answer would become plain training text, so such datasets are refused instead."""
+    from shardfmt.preference import is_kto, is_preference
+    for directory, manifest in zip(getattr(dataset, "directories", []),
+                                   getattr(dataset, "manifests", [])):
+        if is_preference(manifest) or is_kto(manifest):
+            what = ("preference pairs (chosen + rejected)" if is_preference(manifest)
+                    else "KTO examples labelled desirable/undesirable")
+            raise UsageError(f"{directory}: holds {what}; Megatron .bin/.idx has no field for "
+                             f"the side or label, so exporting would train on the rejected/"
+                             f"undesirable answers as plain text. Export pretrain, qa or chat "
+                             f"datasets only (for SFT on the good answers, encode them with "
+                             f"--encode_type qa or chat)")
+
+
 def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.dtype | None = None,
                     split: str = "document", overwrite: bool = False) -> MegatronExport:
     """Write `dataset` (anything with `len()` and `[i]` -> Sample) as Megatron `prefix.bin/.idx`.
@@ -519,6 +536,8 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
         `doc_continues` (or where it is all False): every segment is its own document.
       split="segment": one sequence per document segment (so a packed sample's segments stay
         separate sequences); segments continuing a document stay in the same Megatron document.
+    Preference and KTO datasets are refused (UsageError): Megatron has no field for a pair's
+    side or an example's label.
     Sample boundaries and packing are not kept (GPTDataset packs sequences itself). Loss masks are
     dropped: Megatron trains every token; the result's `loss_mask_dropped` flag (and a
     UserWarning) says when that lost information (qa/chat data).
@@ -533,6 +552,7 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
     """
     if split not in ("document", "segment"):
         raise ValueError(f"split must be 'document' or 'segment', got {split!r}")
+    _refuse_labelled_samples(dataset)
     out_dtype = dtype if dtype is not None else getattr(dataset, "dtype", "int32")
     continues_fn = getattr(dataset, "doc_continues", None)
     with MegatronBuilder(prefix, dtype=out_dtype, overwrite=overwrite) as builder:

@@ -182,3 +182,13 @@ def test_writer_refuses_unknown_flag_bits(tmp_path):
         w.manifest_extra["kto"] = {"layout": "unpaired", "undesirable": 1}
     ds = open_dataset(tmp_path / "w")
     assert segment_desirable(ds, 0).tolist() == [False] and verify_dataset(ds) == []
+
+
+def test_megatron_export_refuses_labelled_examples(tmp_path, hermetic_tokenizer_dir, capsys):
+    """Megatron's format has no label field: exporting a KTO dataset exits 2 naming it; nothing
+    is written."""
+    from shardfmt.__main__ import main as shardfmt_main
+    out = _encode(tmp_path, hermetic_tokenizer_dir, ROWS)
+    assert shardfmt_main(["export-megatron", str(out), str(tmp_path / "mega" / "x")]) == 2
+    assert f"{out}: holds KTO examples labelled desirable/undesirable" in capsys.readouterr().err
+    assert not (tmp_path / "mega").exists() or not any((tmp_path / "mega").iterdir())

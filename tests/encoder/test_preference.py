@@ -193,3 +193,15 @@ def test_parts_merge_into_one_pair_dataset(tmp_path, hermetic_tokenizer_dir):
     merged = open_dataset(merge_datasets(parts, tmp_path / "merged" / "c"))
     assert merged.manifest["preference"]["pairs"] == 6 == int(pair_counts(merged).sum())
     assert [s.input_ids.tolist() for s in merged] == [s.input_ids.tolist() for s in whole]
+
+
+def test_megatron_export_refuses_pairs(tmp_path, hermetic_tokenizer_dir, capsys):
+    """Megatron's format has no side field: `shardfmt export-megatron` of a pair dataset exits 2
+    naming the dataset and what to do, and writes nothing (rejected answers never become text)."""
+    from shardfmt.__main__ import main as shardfmt_main
+    out = _encode(tmp_path, hermetic_tokenizer_dir, ROWS)
+    assert shardfmt_main(["export-megatron", str(out), str(tmp_path / "mega" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds preference pairs (chosen + rejected)" in err
+    assert "--encode_type qa or chat" in err
+    assert not (tmp_path / "mega").exists() or not any((tmp_path / "mega").iterdir())
