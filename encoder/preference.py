@@ -70,6 +70,28 @@ class PairEncoded(NamedTuple):
 
 
 # -- row validation ------------------------------------------------------------------------------
+def _prompt_turns(row: dict, *, messages_are: str) -> list:
+    """The conversation before the response(s): 'prompt' (str) as one user turn, or a copy of
+    'messages'; an optional 'system' goes first unless the turns already start with one."""
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f"'prompt' must be str, got {type(row['prompt']).__name__}")
+        prompt = [{"role": "user", "content": row["prompt"]}]
+    else:
+        prompt = row["messages"]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("'messages' must be a non-empty list of {'role', 'content'} dicts "
+                             f"({messages_are})")
+        prompt = list(prompt)
+    system = row.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"'system' must be str, got {type(system).__name__}")
+        if system and not (isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
+            prompt = [{"role": "system", "content": system}] + prompt
+    return prompt
+
+
 def check_preference_row(row: Any, *, chat_messages) -> PairRow:
     """Validate a preference row and build both conversations (checked like chat rows by
     `chat_messages`, the chat validator). Raises ValueError naming the key."""
@@ -81,22 +103,7 @@ def check_preference_row(row: Any, *, chat_messages) -> PairRow:
         raise ValueError(f"preference row lacks {need} (got keys {sorted(row)}); expected "
                          f"{{'prompt', 'chosen', 'rejected'[, 'system']}} or "
                          f"{{'messages', 'chosen', 'rejected'}}")
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise ValueError(f"'prompt' must be str, got {type(row['prompt']).__name__}")
-        prompt = [{"role": "user", "content": row["prompt"]}]
-    else:
-        prompt = row["messages"]
-        if not isinstance(prompt, list) or not prompt:
-            raise ValueError("'messages' must be a non-empty list of {'role', 'content'} dicts "
-                             "(the prompt turns, ending with a user turn)")
-        prompt = list(prompt)
-    system = row.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise ValueError(f"'system' must be str, got {type(system).__name__}")
-        if system and not (isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
-            prompt = [{"role": "system", "content": system}] + prompt
+    prompt = _prompt_turns(row, messages_are="the prompt turns, ending with a user turn")
     sides, responses = [], []
     for key in PAIR_KEYS:
         response = _response_messages(row[key], key)
@@ -333,23 +340,9 @@ def check_unpaired_row(row: Any, *, chat_messages) -> UnpairedRow:
     if "prompt" not in row and "messages" not in row:
         raise ValueError(f"kto row lacks 'prompt' or 'messages' (got keys {sorted(row)}); "
                          f"{KTO_ROW_HELP}")
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise ValueError(f"'prompt' must be str, got {type(row['prompt']).__name__}")
-        prompt = [{"role": "user", "content": row["prompt"]}]
-        if "completion" not in row:
-            raise ValueError(f"kto row with 'prompt' lacks 'completion'; {KTO_ROW_HELP}")
-    else:
-        prompt = row["messages"]
-        if not isinstance(prompt, list) or not prompt:
-            raise ValueError("'messages' must be a non-empty list of {'role', 'content'} dicts")
-        prompt = list(prompt)
-    system = row.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise ValueError(f"'system' must be str, got {type(system).__name__}")
-        if system and not (isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
-            prompt = [{"role": "system", "content": system}] + prompt
+    if "prompt" in row and "completion" not in row:
+        raise ValueError(f"kto row with 'prompt' lacks 'completion'; {KTO_ROW_HELP}")
+    prompt = _prompt_turns(row, messages_are="the conversation")
     if "completion" in row:
         completion = _response_messages(row["completion"], "completion")
     else:  # chat form: the trailing assistant message(s) are the completion

@@ -266,22 +266,44 @@ def test_sft_weight_and_label_smoothing(setup, ours):
     assert torch.allclose(base["loss"], -F.logsigmoid(z), atol=1e-6)
 
 
+def _trl_kto_reference(setup, tmp_path, examples, *, beta, w_d, w_u):
+    """TRL 1.16's `KTOTrainer._compute_loss` on (prompts, completions, labels) as one batch, with
+    KL_completion_ids rotated by one as its dataset map does: (loss, its logged metrics). Roles
+    swapped (policy: "ref", reference: "policy"): for these weights the KL estimate is then
+    positive, so the reference point z0 is not clamped to 0 and enters every loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+    prompts, completions, labels = examples
+    d = setup["dir"]
+    policy = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": "w1 w2", "completion": " w3", "label": True},
+                            {"prompt": "w1 w2", "completion": " w9", "label": False}])
+    cfg = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=beta,
+                    desirable_weight=w_d, undesirable_weight=w_u,
+                    per_device_train_batch_size=len(prompts), bf16=False, fp16=False,
+                    max_length=None)
+    trl = KTOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=ds,
+                     processing_class=setup["tok"])
+    trl.model.eval()
+    rows = [{"prompt_ids": p.tolist(), "completion_ids": c.tolist(),
+             "KL_completion_ids": completions[(i - 1) % len(prompts)].tolist(), "label": lab}
+            for i, (p, c, lab) in enumerate(zip(prompts, completions, labels))]
+    with torch.no_grad():
+        trl_loss = float(trl._compute_loss(trl.model, trl.data_collator(rows), False))
+    return trl_loss, {key: v[-1] for key, v in trl._metrics["eval"].items()}
+
+
 def test_kto_loss_equals_trl_kto_trainer(setup, tmp_path):
     """`kto_losses` (trainer/preference.py) on log-probs from the trainer's path (pair collate,
     packed: each sample's sequence beside its KL sequence, prompt i + completion i-1 by
     `kto_mismatched`) == TRL 1.16's `KTOTrainer._compute_loss` on the same 6 unpaired samples as
     one batch: loss (mean over samples), KL estimate, rewards/chosen and rewards/rejected."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import KTOConfig, KTOTrainer
-
     from trainer.data import model_inputs
     from trainer.preference import kto_losses, kto_mismatched
     beta, w_d, w_u = 0.1, 1.3, 0.7
-    d = setup["dir"]
-    labels = [True, False, True, True, False, False]
-    prompts = [pair[0][:pair[2]] for pair in setup["pairs"]]
-    completions = [pair[0 if lab else 1][pair[2]:] for pair, lab in zip(setup["pairs"], labels)]
+    prompts, completions, labels = _kto_examples(setup)
     kl_seqs = kto_mismatched(prompts, completions)
     samples = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -301,22 +323,8 @@ def test_kto_loss_equals_trl_kto_trainer(setup, tmp_path):
                       kl_logps=pol[1::2], ref_kl_logps=ref[1::2], beta=beta,
                       desirable_weight=w_d, undesirable_weight=w_u)
 
-    policy = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
-    ref_model = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
-    ds = Dataset.from_list([{"prompt": "w1 w2", "completion": " w3", "label": True},
-                            {"prompt": "w1 w2", "completion": " w9", "label": False}])
-    cfg = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=beta,
-                    desirable_weight=w_d, undesirable_weight=w_u, per_device_train_batch_size=2,
-                    bf16=False, fp16=False, max_length=None)
-    trl = KTOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=ds,
-                     processing_class=setup["tok"])
-    trl.model.eval()
-    examples = [{"prompt_ids": p.tolist(), "completion_ids": c.tolist(),
-                 "KL_completion_ids": completions[(i - 1) % len(prompts)].tolist(), "label": lab}
-                for i, (p, c, lab) in enumerate(zip(prompts, completions, labels))]
-    with torch.no_grad():
-        trl_loss = float(trl._compute_loss(trl.model, trl.data_collator(examples), False))
-    m = {key: v[-1] for key, v in trl._metrics["eval"].items()}
+    trl_loss, m = _trl_kto_reference(setup, tmp_path, (prompts, completions, labels), beta=beta,
+                                     w_d=w_d, w_u=w_u)
     rows = [("loss", float(mine["loss"].mean()), trl_loss), ("kl", float(mine["kl"]), m["kl"]),
             ("rewards/chosen", float(mine["rewards"][desirable].mean()), m["rewards/chosen"]),
             ("rewards/rejected", float(mine["rewards"][~desirable].mean()),
@@ -379,31 +387,11 @@ def test_kto_step_equals_trl_kto_trainer(setup, tmp_path):
     KL_completion_ids rotated by one as its dataset map does): loss, kl, rewards/chosen,
     rewards/rejected, rewards/margins, logps/chosen, logps/rejected; in one micro-batch of 6 or
     accumulated (3 x 2, 2 x 3), unpacked or packed (2 or 3 examples a sample)."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import KTOConfig, KTOTrainer
-
     from trainer.kto import collate_unpaired
     beta, w_d, w_u = 0.1, 1.3, 0.7
-    d = setup["dir"]
     prompts, completions, labels = _kto_examples(setup)
-    # roles swapped (policy: "ref", reference: "policy") so that z0 > 0 is not clamped to 0
-    policy = AutoModelForCausalLM.from_pretrained(d / "ref", dtype=torch.float32)
-    ref_model = AutoModelForCausalLM.from_pretrained(d / "policy", dtype=torch.float32)
-    ds = Dataset.from_list([{"prompt": "w1 w2", "completion": " w3", "label": True},
-                            {"prompt": "w1 w2", "completion": " w9", "label": False}])
-    cfg = KTOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=beta,
-                    desirable_weight=w_d, undesirable_weight=w_u, per_device_train_batch_size=6,
-                    bf16=False, fp16=False, max_length=None)
-    trl = KTOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=ds,
-                     processing_class=setup["tok"])
-    trl.model.eval()
-    examples = [{"prompt_ids": p.tolist(), "completion_ids": c.tolist(),
-                 "KL_completion_ids": completions[(i - 1) % len(prompts)].tolist(), "label": lab}
-                for i, (p, c, lab) in enumerate(zip(prompts, completions, labels))]
-    with torch.no_grad():
-        trl_loss = float(trl._compute_loss(trl.model, trl.data_collator(examples), False))
-    m = {key: v[-1] for key, v in trl._metrics["eval"].items()}
+    trl_loss, m = _trl_kto_reference(setup, tmp_path, (prompts, completions, labels), beta=beta,
+                                     w_d=w_d, w_u=w_u)
     keys = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
             "logps/rejected")
     rows = []
@@ -419,7 +407,7 @@ def test_kto_step_equals_trl_kto_trainer(setup, tmp_path):
         per_micro = micro_examples // per_sample
         micro = [collate_unpaired(samples[k:k + per_micro], pad_id=3, flatten=True)
                  for k in range(0, len(samples), per_micro)]
-        run, engine = _kto_run(setup, "ref", "policy", beta=beta, w_d=w_d, w_u=w_u)
+        run, engine = _kto_run(setup, "ref", "policy", beta=beta, w_d=w_d, w_u=w_u)  # as TRL's
         with torch.no_grad():
             loss, n = run.train_step(engine, micro)
         assert n == 6 and abs(sum(engine.backwards) - loss) < 1e-6   # what backward saw
