@@ -16,7 +16,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/python run_scripts/prebuild_deepspeed_ops.py   # JIT ops once, not inside timed runs
 # What the suite starts with, for reading a CI log: leftovers in /dev/shm are RAM (tmpfs), and a
 # nearly full one makes DeepSpeed runs die with SIGBUS or the OOM killer take a pytest worker.
-echo "[test] $(nproc) cores; $(free -g | awk '/^Mem:/ {print $7}') GiB RAM available;" \
+echo "[test] $(nproc --all) cores; $(free -g | awk '/^Mem:/ {print $7}') GiB RAM available;" \
      "/dev/shm: $(df -h /dev/shm | awk 'NR==2 {print $3 " used of " $2}')"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile --durations 15 \
     --no-loadscope-reorder "$@"
