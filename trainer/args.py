@@ -449,6 +449,15 @@ def _check_objective(args: TrainArgs, problems: list[str]) -> None:
         for name in ("kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(args, name) != 1.0:
                 problems.append(f"--{name} is for --objective kto; add it or drop the flag")
+    # a flag the objective does not read is refused, not ignored (defaults: TrainArgs)
+    readers = {"beta": ("dpo", "ipo", "simpo", "kto"), "simpo_gamma": ("simpo",),
+               "orpo_alpha": ("orpo",)}
+    for name, objectives in readers.items():
+        if args.objective not in objectives and getattr(args, name) != getattr(TrainArgs, name):
+            hint = " (ORPO's weight is --orpo_alpha, TRL's beta)" if (
+                name == "beta" and args.objective == "orpo") else ""
+            problems.append(f"--{name} is read by --objective {'/'.join(objectives)}, not "
+                            f"{args.objective}{hint}; drop it or change --objective")
     if args.objective == "sft":
         return
     if args.beta <= 0:

@@ -225,6 +225,12 @@ class EvalShard:
     weights: np.ndarray
 
 
+def eval_sample_count(num_samples: int, max_samples: int) -> int:
+    """How many samples (from the start) of an eval set are evaluated: all when max_samples is 0
+    (--eval_max_samples)."""
+    return min(num_samples, max_samples) if max_samples else num_samples
+
+
 def eval_shard(num_samples: int, rank: int, world_size: int, micro_batch_size: int) -> EvalShard:
     per_rank = -(-num_samples // world_size)
     per_rank = -(-per_rank // micro_batch_size) * micro_batch_size

@@ -37,7 +37,7 @@ import torch
 
 from shardfmt import Sample
 from shardfmt.preference import segment_desirable
-from trainer.data import IGNORE_INDEX, collate, eval_shard, model_inputs
+from trainer.data import IGNORE_INDEX, collate, eval_sample_count, eval_shard, model_inputs
 from trainer.errors import UsageError
 from trainer.preference import PreferenceRun, kto_losses, logps_from_logits
 
@@ -247,7 +247,8 @@ class KtoRun(PreferenceRun):
         group, all-reduced), then the mean per-example loss and TRL's metrics."""
         from trainer.dist import all_reduce_sum
         src, mbs = self.eval_source, self.args.micro_batch_size
-        shard = eval_shard(len(src), self.info.rank, self.info.world_size, mbs)
+        shard = eval_shard(eval_sample_count(len(src), self.args.eval_max_samples),
+                           self.info.rank, self.info.world_size, mbs)
         groups = [shard.indices[k:k + mbs] for k in range(0, len(shard.indices), mbs)]
         weights = [np.repeat(shard.weights[k:k + mbs], [len(src.dataset[int(i)].doc_lens)
                                                         for i in shard.indices[k:k + mbs]])

@@ -590,10 +590,11 @@ class PreferenceRun:
         return out
 
     def evaluate(self, engine, step: int) -> dict:
-        from trainer.data import eval_shard
+        from trainer.data import eval_sample_count, eval_shard
         from trainer.dist import all_reduce_sum
         src, mbs = self.eval_source, self.args.micro_batch_size
-        shard = eval_shard(len(src), self.info.rank, self.info.world_size, mbs)
+        shard = eval_shard(eval_sample_count(len(src), self.args.eval_max_samples),
+                           self.info.rank, self.info.world_size, mbs)
         sums = dict.fromkeys(("loss",) + METRIC_NAMES, 0.0)
         orpo_parts = [0.0, 0.0, 0.0]  # odds-ratio loss sum, chosen NLL sum, chosen tokens
         pairs = 0

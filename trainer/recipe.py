@@ -31,8 +31,8 @@ from trainer import model as mdl
 from trainer import quantize, vocab
 from trainer.args import TrainArgs
 from trainer.data import (FLATTENED_ATTENTION, IGNORE_INDEX, DataSources, build_train_sampler,
-                          count_loss_tokens, eval_batches, eval_shard, model_inputs, open_sources,
-                          train_loader)
+                          count_loss_tokens, eval_batches, eval_sample_count, eval_shard,
+                          model_inputs, open_sources, train_loader)
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.dtypes import precision_name
 from trainer.errors import ReportWriteError, UsageError
@@ -474,8 +474,7 @@ class Trainer:
 
     def num_eval_samples(self, source) -> int:
         """The first --eval_max_samples samples of one eval source (all when 0)."""
-        n = len(source)
-        return min(n, self.args.eval_max_samples) if self.args.eval_max_samples else n
+        return eval_sample_count(len(source), self.args.eval_max_samples)
 
     def trainer_state(self) -> dict:
         s = self.state

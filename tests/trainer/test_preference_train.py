@@ -59,7 +59,8 @@ def baseline(pref_assets, tmp_path_factory) -> dict:
     procs = run_trains(timeout=900, arg_lists=[
         _args(a, out, "micro4", "--micro_batch_size", "4", "--eval_data_path", str(a["eval"]),
               "--save_steps", "2", "--save_optimizer", "--report_to", "tensorboard"),
-        _args(a, out, "accum4", "--micro_batch_size", "1", "--gradient_accumulation_steps", "4"),
+        _args(a, out, "accum4", "--micro_batch_size", "1", "--gradient_accumulation_steps", "4",
+              "--eval_data_path", str(a["eval"]), "--eval_max_samples", "5"),
     ])
     for p in procs:
         check_ok(p)
@@ -84,8 +85,15 @@ def test_metrics_logged_and_first_step_is_ln2(baseline):
 
 
 def test_accumulation_equals_micro_batch(baseline):
+    """Loss and every preference metric of every step; the capped eval takes the first 5 pairs."""
     a, b = _train_losses(baseline["micro4"]), _train_losses(baseline["accum4"])
     assert max(abs(x - y) for x, y in zip(a, b)) <= TOL, (a, b)
+    train = [[r for r in _log(baseline[k]) if "eval_loss" not in r] for k in ("micro4", "accum4")]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert max(abs(x[key] - y[key]) for x, y in zip(*train)) <= TOL, key
+    (ev,) = [r for r in _log(baseline["accum4"]) if "eval_loss" in r]
+    assert ev["eval_pairs"] == 5        # --eval_max_samples 5 of the 12 eval pairs
 
 
 def test_packed_precomputed_and_zero3_equal_the_baseline(baseline, pref_assets, tmp_path):
@@ -201,7 +209,7 @@ def test_orpo_mix_and_added_tokens(pref_assets, tmp_path):
     tok = build_tokenizer(other)
     build_model(other, vocab_size=len(tok), seed=3)
     sft = write_dataset(tmp_path, "sft", tok, num_samples=8)
-    orpo = ["--objective", "orpo", "--orpo_alpha", "0.2", "--beta", "0.1"]
+    orpo = ["--objective", "orpo", "--orpo_alpha", "0.2"]
     mix = ["--data_path", "0.7", str(a["pairs"]), "0.3", str(a["packed"])]
     add = ["--add_tokens", "<tool>,<think>"]
     procs = run_trains(timeout=900, arg_lists=[

@@ -30,6 +30,20 @@ def test_every_problem_reported_at_once(tmp_path):
         assert needle in text, (needle, text)
 
 
+@pytest.mark.parametrize("objective,flag,value,needle", [
+    ("sft", "--beta", "0.2", "--beta is read by --objective dpo/ipo/simpo/kto, not sft"),
+    ("orpo", "--beta", "0.2", "not orpo (ORPO's weight is --orpo_alpha, TRL's beta)"),
+    ("dpo", "--simpo_gamma", "1.0", "--simpo_gamma is read by --objective simpo, not dpo"),
+    ("simpo", "--orpo_alpha", "0.5", "--orpo_alpha is read by --objective orpo, not simpo"),
+])
+def test_a_flag_the_objective_does_not_read_is_refused(tmp_path, objective, flag, value, needle):
+    """Never silently ignored: e.g. --beta under ORPO (whose weight is --orpo_alpha)."""
+    base = ["--model_path", str(tmp_path), "--data_path", str(tmp_path), "--output_path",
+            str(tmp_path / "o"), "--max_steps", "1", "--objective", objective]
+    assert needle in "\n".join(validate_args(parse_args([*base, flag, value])))
+    assert not any(flag in p for p in validate_args(parse_args(base)))  # the default is fine
+
+
 def test_missing_manifest_is_named(tmp_path, assets):
     (tmp_path / "half").mkdir()
     args = parse_args(["--model_path", str(assets["llama"]), "--data_path", str(tmp_path / "half"),
