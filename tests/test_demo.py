@@ -21,7 +21,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     # a longer run only adds optimizer steps (~0.2 s each): --quick asserts no accuracy anyway
-    proc = subprocess.run([sys.executable, "run_scripts/demo.py", "--quick", "--steps", str(STEPS),
+    # through the README's command (demo.sh: venv check, env.sh, then demo.py)
+    proc = subprocess.run(["bash", "run_scripts/demo.sh", "--quick", "--steps", str(STEPS),
                            "--out", str(tmp_path / "demo")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

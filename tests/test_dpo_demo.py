@@ -1,4 +1,4 @@
-"""run_scripts/dpo.py --quick (the CI variant of `bash run_scripts/dpo.sh`): every stage runs for
+"""`bash run_scripts/dpo.sh --quick` (the CI variant of the preference demo): every stage runs for
 real (tokenizer, model, SFT encode + 2-rank training + export, pair encode, 2-rank DPO with eval +
 export, reward accuracy and generations before/after), cut to 2 optimizer steps each; the full run
 (targets: reward accuracy >= 95%, exact match kept) is in the report's command."""
@@ -21,7 +21,8 @@ def test_dpo_demo_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    proc = subprocess.run([sys.executable, "run_scripts/dpo.py", "--quick", "--sft_steps", "2",
+    # through the README's command (dpo.sh -> demo.sh: venv check, env.sh, then dpo.py)
+    proc = subprocess.run(["bash", "run_scripts/dpo.sh", "--quick", "--sft_steps", "2",
                            "--dpo_steps", "2", "--out", str(tmp_path / "dpo")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

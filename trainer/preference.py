@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from shardfmt.preference import is_kto, is_preference, pair_counts, split_pairs
 from trainer.data import IGNORE_INDEX, RankSampler, collate
+from trainer.dtypes import precision_name
 from trainer.errors import UsageError
 
 log = logging.getLogger("trainer")
@@ -332,9 +333,11 @@ def save_reference_file(path: Path, logps: np.ndarray, meta: dict) -> None:
 
 
 def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_pairs: int,
-                        ref_model_path: str) -> np.ndarray:
+                        ref_model_path: str, dtype: torch.dtype, attn: str) -> np.ndarray:
     """The precomputed log-probs, refused (UsageError naming the file and the fix) if they were
-    computed for another dataset, another reference model or another pair count."""
+    computed for another dataset, another reference model or another pair count, or in another
+    precision or attention implementation than this run's (`dtype`, `attn`): step 1 then would
+    not start with policy == reference."""
     import json
     if not path.is_file():
         raise UsageError(f"--precomputed_ref_logps: {path} not found; compute it with "
@@ -352,7 +355,18 @@ def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_p
                          f"hash {meta.get('model_hash')}; {ref_model_path} is {model_hash}); {fix}")
     if logps.shape != (num_pairs, 2):
         raise UsageError(f"{path}: holds {logps.shape} values for {num_pairs} pairs; {fix}")
+    if meta.get("precision") != reference_precision(dtype):
+        raise UsageError(f"{path}: computed in {meta.get('precision')}, this run trains in "
+                         f"{reference_precision(dtype)}; {fix} --precision {precision_name(dtype)}")
+    if meta.get("attn_implementation") != attn:
+        raise UsageError(f"{path}: computed with attention {meta.get('attn_implementation')}, "
+                         f"this run uses {attn}; {fix} --attn_implementation {attn}")
     return logps
+
+
+def reference_precision(dtype: torch.dtype) -> str:
+    """How a reference file records its precision: 'float32', 'bfloat16', 'float16'."""
+    return str(dtype).replace("torch.", "")
 
 
 # -- the run-time part ---------------------------------------------------------------------------
@@ -433,7 +447,8 @@ class PreferenceRun:
             parts.append(load_reference_file(Path(path) / REF_LOGPS_FILE,
                                              dataset_hash=dataset_fingerprint(manifest),
                                              model_hash=model_hash, num_pairs=n,
-                                             ref_model_path=self.ref_model_path))
+                                             ref_model_path=self.ref_model_path,
+                                             dtype=self.dtype, attn=self.attn))
         return np.concatenate(parts)
 
     def reference_source(self) -> str:

@@ -5,7 +5,9 @@ DPO/IPO training holds one model (`--precomputed_ref_logps`).
 
 writes D/reference_logps.npz beside the dataset's shards: `logps` (pairs x 2 float64: chosen,
 rejected; pairs in dataset order) and `meta` (JSON: dataset and model hashes, precision,
-attention). The trainer refuses the file if the dataset or the reference model's files changed.
+attention). The trainer refuses the file if the dataset or the reference model's files changed, or
+if it trains in another precision or attention implementation (the reference would then not equal
+the starting policy). Runs on one GPU when there is one, else on the CPU.
 Exit codes: 0 ok, 1 the run failed, 2 bad input.
 """
 
@@ -108,7 +110,7 @@ def _compute_all(args: argparse.Namespace, datasets: list) -> None:
     from trainer import model as mdl
     from trainer.data import FLATTENED_ATTENTION
     from trainer.preference import (REF_LOGPS_FILE, dataset_fingerprint, model_fingerprint,
-                                    save_reference_file)
+                                    reference_precision, save_reference_file)
     started = time.time()
     dtype = mdl.resolve_precision(args.precision)
     attn = mdl.resolve_attn_implementation(args.attn_implementation, getattr(
@@ -116,16 +118,27 @@ def _compute_all(args: argparse.Namespace, datasets: list) -> None:
     model = mdl.load_training_model(args.model_path, from_scratch=False, dtype=dtype,
                                     attn_implementation=attn)
     model.eval()
+    rows = model.get_input_embeddings().weight.shape[0]
+    for path, ds in datasets:  # before any compute: ids past the embedding would crash mid-way
+        if ds.max_token_id >= rows:
+            raise UsageError(
+                f"--data_path {path}: largest token id {ds.max_token_id} but {args.model_path} "
+                f"has {rows} embedding rows (the data uses added tokens this model lacks). The "
+                f"trainer builds a reference with those rows itself: train without "
+                f"--precomputed_ref_logps, or pass the resized starting model here")
     tok = mdl.load_training_tokenizer(args.model_path)
     pad_id = 0 if tok is None or tok.pad_token_id is None else int(tok.pad_token_id)
     model_hash = model_fingerprint(args.model_path)
-    device = torch.device("cpu")
+    # one GPU when there is one (fp32/bf16 forward of the whole set); CPU otherwise
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model.to(device)
     for path, ds in datasets:
         logps = compute(model, ds, micro_batch_size=args.micro_batch_size, attn=attn,
                         flatten=attn in FLATTENED_ATTENTION, dtype=dtype, pad_id=pad_id,
                         device=device)
         meta = {"dataset_hash": dataset_fingerprint(ds.manifest), "model_hash": model_hash,
-                "model_path": str(args.model_path), "precision": str(dtype).replace("torch.", ""),
+                "model_path": str(args.model_path), "precision": reference_precision(dtype),
                 "attn_implementation": attn, "pairs": int(len(logps))}
         try:
             save_reference_file(path / REF_LOGPS_FILE, logps, meta)

@@ -16,6 +16,7 @@ import errno
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trainer_testlib import (LAUNCHER_PYTHON, REPO, VENV_BIN, build_tokenizer, free_port,
@@ -224,6 +225,12 @@ def test_reference_logps_codes(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer.reference_logps, "compute", internal_bug)
     with pytest.raises(KeyError, match="an internal bug"):
         main(argv + ["--overwrite"])
+    # ids past the model's embedding (added tokens the model lacks): 2 before any compute
+    big = [(np.r_[c[:-1], 60000, 2], r, p) for c, r, p in make_pairs(2, seed=4)]
+    beyond = write_pairs(tmp_path, "beyond", tok, big)
+    assert main(["--model_path", str(assets["llama"]), "--data_path", str(beyond)]) == 2
+    assert f"--data_path {beyond}: largest token id 60000 but" in capsys.readouterr().err
+    assert not (beyond / REF_LOGPS_FILE).exists()
 
 
 # ------------------------------------------------------------------- every rank, under deepspeed
