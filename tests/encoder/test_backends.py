@@ -3,6 +3,7 @@ guard on every engine, and byte-identical shards for every engine on the real to
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -116,24 +117,107 @@ def test_every_engine_writes_identical_shards(name, run_cli, write_plugin, tmp_p
 
 
 # -- control-token text never becomes a control token, on every engine ---------------------------
+_SPLIT_REFS: dict = {}
+
+
+def split_reference(name: str):
+    """A private transformers tokenizer of ../shared/tokenizers/NAME, called with
+    split_special_tokens=True as the independent reference (private: that call leaves the
+    backend's flag set, which must not leak into the shared `real_tokenizer`)."""
+    if name not in _SPLIT_REFS:
+        from transformers import AutoTokenizer
+        _SPLIT_REFS[name] = AutoTokenizer.from_pretrained(shared_tokenizer_path(name))
+    return _SPLIT_REFS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _added_tokens_json(name: str) -> tuple[dict, ...]:
+    path = Path(shared_tokenizer_path(name)) / "tokenizer.json"
+    return tuple(json.loads(path.read_text(encoding="utf-8"))["added_tokens"])
+
+
+def added_tokens(name: str, *, special: bool) -> list[str]:
+    """tokenizer.json's added tokens with "special": `special`, read from the file itself."""
+    return [t["content"] for t in _added_tokens_json(name) if t["special"] is special]
+
+
+def special_token_texts(name: str) -> list[str]:
+    """Data texts spelling every special added token (alone, inside words, all run together),
+    the non-special added ones (qwen3's <tool_call>, <think>: HF keeps them one token) and the
+    usual control-token texts."""
+    specials, plain = added_tokens(name, special=True), added_tokens(name, special=False)
+    return ([f"say {s} now" for s in specials] + [f"x{s}y" for s in specials[:8]]
+            + ["".join(specials), " ".join(specials + plain)]
+            + [f"call {t} here" for t in plain] + CONTROL_TEXTS)
+
+
 @pytest.mark.parametrize("name", ["qwen3", "llama2", "llama3"])
-def test_special_token_text_stays_text_on_every_engine(name):
+def test_special_token_text_stays_text_on_every_engine(name, cached_loads):
+    """Every added token the tokenizer marks special, spelled in data, is encoded as plain text
+    on every engine in pretrain, qa, chat, preference and kto: the ids equal HF's
+    `tokenizer(text, split_special_tokens=True)` exactly; template markers stay control tokens
+    (the chat run uses the named template: chatml's <|im_start|>/<|im_end|> for qwen3)."""
+    from encoder.preference import PairRow, UnpairedRow
+    from encoder.templates import render
+
     tok = real_tokenizer(name)
-    rows = [[{"role": "user", "content": t}, {"role": "assistant", "content": t + " " + u}]
-            for t in CONTROL_TEXTS for u in CONTROL_TEXTS[:2]]
+    ref = split_reference(name)
+
+    def split(texts: list[str]) -> list[list[int]]:
+        return ref(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    texts = special_token_texts(name)
+    answers = texts[1:] + texts[:1]
+    ref_t, ref_a, ref_r = split(texts), split(answers), split(answers[1:] + answers[:1])
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": a}]
+             for t, a in zip(texts, answers)]
+    rejected = [[{"role": "user", "content": t}, {"role": "assistant", "content": a}]
+                for t, a in zip(texts, answers[1:] + answers[:1])]
+    plain_ids = {i for t in added_tokens(name, special=False)
+                 for i in tok.convert_tokens_to_ids([t])}
+    assert len(added_tokens(name, special=True)) == {"qwen3": 14, "llama2": 3, "llama3": 256}[name]
+
+    def expected_rendered(enc, row) -> list[int]:   # segments encoded piece by piece, by HF
+        ids = list(enc.prefix)
+        for kind, value, _ in render(enc.template, row):
+            ids += value if kind == "ids" else split([value])[0] if kind == "text" \
+                else ref(value, add_special_tokens=False)["input_ids"]
+        return ids
+
     results = {}
     for engine in ENGINES:
-        spec = EncoderSpec(shared_tokenizer_path(name), "qa", 4096, template="none",
-                           tokenizer_backend=engine, cross_check_every=1)
-        enc = DocumentEncoder(spec, tokenizer=tok)
-        out = enc.encode_rows(rows)
+        def encoder(encode_type, template="none"):
+            spec = EncoderSpec(shared_tokenizer_path(name), encode_type, 1 << 20,
+                               template=template, tokenizer_backend=engine, cross_check_every=1)
+            return DocumentEncoder(spec, tokenizer=tok)
+
+        got = {}
+        enc = encoder("pretrain")
+        bos, eos = list(enc.prefix), enc.end_ids
+        got["pretrain"] = enc.encode_rows(texts)
+        assert [e.ids.tolist() for e in got["pretrain"]] == [bos + r + eos for r in ref_t]
         assert enc.engine.name == engine
-        control = np.array(sorted(enc.control_ids))
-        for e in out:   # control ids only where the encoder puts them: BOS first, EOS last
-            inner = e.ids[len(enc.prefix):-1]
-            assert not np.isin(inner, control).any(), (engine, e.ids.tolist())
-            assert e.ids[-1] == enc.end_ids[0]
-        results[engine] = [e.ids.tolist() for e in out]
+        assert set(added_tokens(name, special=True)) <= set(
+            tok.convert_ids_to_tokens(sorted(enc.control_ids)))
+        assert not plain_ids & enc.control_ids   # <tool_call> & co. stay recognised
+        enc = encoder("qa")
+        got["qa"] = enc.encode_rows(chats)
+        assert [e.ids.tolist() for e in got["qa"]] == [bos + t + a + eos
+                                                       for t, a in zip(ref_t, ref_a)]
+        enc = encoder("chat", TEMPLATES[name][0])
+        got["chat"] = enc.encode_rows(chats)
+        assert [e.ids.tolist() for e in got["chat"]] == [expected_rendered(enc, c) for c in chats]
+        enc = encoder("preference")
+        got["preference"] = enc.encode_rows(
+            [PairRow(c, r, responses=(1, 1)) for c, r in zip(chats, rejected)])
+        assert enc._pairs.inner.engine.name == engine
+        assert [e.ids.tolist() for e in got["preference"]] == [
+            bos + t + a + eos + bos + t + r + eos for t, a, r in zip(ref_t, ref_a, ref_r)]
+        enc = encoder("kto")
+        got["kto"] = enc.encode_rows([UnpairedRow(c, desirable=True, responses=1) for c in chats])
+        assert [e.ids.tolist() for e in got["kto"]] == [bos + t + a + eos
+                                                        for t, a in zip(ref_t, ref_a)]
+        results[engine] = {k: [e.ids.tolist() for e in v] for k, v in got.items()}
     assert results["gigatoken"] == results["tokenizers"] == results["transformers"]
 
 
