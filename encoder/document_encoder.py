@@ -247,7 +247,7 @@ class DocumentEncoder:
         """Encode a batch into flat arrays. `row_ids` (the plugin's row numbers; default the
         positions) choose the cross-checked sample and name a failing row."""
         if self._pairs is not None:
-            return self._pairs.encode_batch(rows)
+            return self._pairs.encode_batch(rows, row_ids)
         if self.engine is None:
             self.select_backend(rows)
         seg_rows, invalid = self._segments(rows)

@@ -149,23 +149,29 @@ class _ChatRowsEncoder:
         self.inner = DocumentEncoder(inner_spec, tokenizer=outer.tok)
         self.outer = outer
 
-    def encode_batch(self, rows: list) -> "PairBatch":
-        """The encoder pipeline's call (each subclass's encode_rows)."""
-        return PairBatch(self.encode_rows(rows))
+    def encode_batch(self, rows: list, row_ids: Any = None) -> "PairBatch":
+        """The encoder pipeline's call (each subclass's encode_rows). `row_ids`: the plugin's
+        row numbers (default the positions), which choose the cross-checked sample and name a
+        failing row."""
+        return PairBatch(self.encode_rows(rows, row_ids))
 
-    def _encode_chats(self, chats: list) -> list:
+    def _encode_chats(self, chats: list, row_ids: Any) -> list:
+        """`chats[j]` belongs to plugin row `row_ids[j]` (a pair's two sides share theirs, so
+        both are cross-checked together and an error names the plugin row)."""
         if self.inner.engine is None and self.outer.engine is not None:
             self.inner.engine, self.inner.reference = self.outer.engine, self.outer.reference
             self.inner.backend_reason = self.outer.backend_reason
-        return self.inner.encode_rows(chats)
+        return self.inner.encode_batch(chats, row_ids).rows()
 
 
 class PairEncoder(_ChatRowsEncoder):
     """Encodes `PairRow`s (both sides by the inner chat encoder), then truncates each pair as a
     unit."""
 
-    def encode_rows(self, rows: list[PairRow]) -> list[PairEncoded]:
-        encoded = self._encode_chats([half for row in rows for half in (row.chosen, row.rejected)])
+    def encode_rows(self, rows: list[PairRow], row_ids: Any = None) -> list[PairEncoded]:
+        ids = np.arange(len(rows)) if row_ids is None else np.asarray(row_ids)
+        encoded = self._encode_chats([half for row in rows for half in (row.chosen, row.rejected)],
+                                     np.repeat(ids, 2))
         return [self._pair(encoded[2 * k], encoded[2 * k + 1], row.responses)
                 for k, row in enumerate(rows)]
 
@@ -365,8 +371,8 @@ class UnpairedEncoder(_ChatRowsEncoder):
     """Encodes `UnpairedRow`s (by the inner chat encoder), keeps the completion's loss spans only,
     then truncates like qa/chat."""
 
-    def encode_rows(self, rows: list[UnpairedRow]) -> list[UnpairedEncoded]:
-        encoded = self._encode_chats([list(r) for r in rows])
+    def encode_rows(self, rows: list[UnpairedRow], row_ids: Any = None) -> list[UnpairedEncoded]:
+        encoded = self._encode_chats([list(r) for r in rows], row_ids)
         return [self._one(enc, row) for enc, row in zip(encoded, rows)]
 
     def _one(self, enc: Any, row: UnpairedRow) -> UnpairedEncoded:

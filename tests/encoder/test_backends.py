@@ -317,6 +317,28 @@ def test_injected_mismatch_stops_the_run_cleanly(run_cli, write_plugin, tmp_path
     assert not list((tmp_path / "o").rglob("*.bin"))
 
 
+@pytest.mark.parametrize("encode_type", ["preference", "kto"])
+def test_injected_mismatch_names_the_plugin_row_for_pairs(encode_type, run_cli, write_plugin,
+                                                          tmp_path, cached_loads, monkeypatch):
+    """preference/kto: the sample is taken by plugin row number and the error names that row.
+    Row 52 is sampled at --cross_check_every 50 (by its number) but sits at position 1 of its
+    3-row batch, which a sample by position would skip (and name as row 1)."""
+    assert cross_check_sampled(np.array([52, 1]), 50).tolist() == [0]
+    monkeypatch.setattr(backends.GigatokenEncoder, "encode", corrupt("INJECTED"))
+    monkeypatch.setattr("encoder.pipeline.BATCH_ROWS", 3)
+    answer = {"preference": lambda i, a: {"chosen": a, "rejected": f"No idea {i}."},
+              "kto": lambda i, a: {"completion": a, "label": i % 2 == 0}}[encode_type]
+    rows = [{"prompt": f"Question {i}?", **answer(i, f"Answer {i}.")} for i in range(80)]
+    rows[52] = {"prompt": "Question 52?", **answer(52, "this answer is INJECTED with a wrong id")}
+    code, _, err = run_cli("--tokenizer_path", shared_tokenizer_path("llama2"),
+                           "--data_loader_path", write_plugin(rows), "--encode_type", encode_type,
+                           "--template", "alpaca", "--max_length", "128",
+                           "--cross_check_every", "50", out=tmp_path / "o")
+    assert code == 1, err
+    assert "cross-check failed at row 52:" in err
+    assert not (tmp_path / "o" / "c" / "manifest.json").exists()
+
+
 # -- EncodeArgs / validate_args --------------------------------------------------------------------
 def test_validate_args_reports_every_problem_and_mutates_nothing(run_cli):
     from encoder.cli import EncodeArgs, build_parser, validate_args
