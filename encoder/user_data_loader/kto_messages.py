@@ -15,6 +15,8 @@ than guessed from truthiness. Accepts part/num_parts.
 import json
 from pathlib import Path
 
+from encoder.plugins import part_bounds
+
 ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
             "assistant": "assistant"}
 
@@ -46,7 +48,7 @@ def data_loader(path, part=None, num_parts=None):
     records = [(one, k, r) for one in str(path).split(",")
                for k, r in enumerate(json.loads(Path(one).read_text(encoding="utf-8")))]
     if part is not None:
-        n = len(records)
-        records = records[int(part) * n // int(num_parts):(int(part) + 1) * n // int(num_parts)]
+        start, stop = part_bounds(int(part), int(num_parts), len(records))
+        records = records[start:stop]
     for file, k, record in records:
         yield to_row(record, where=f"{file}: record {k}")

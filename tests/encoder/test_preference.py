@@ -181,6 +181,57 @@ def test_llama_factory_demo_files(tmp_path, name):
         assert resp.split("</think>")[-1].strip() in chosen_texts
 
 
+def _dpo_plugin():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dpo_sharegpt", PLUGINS / "dpo_sharegpt.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    return plugin
+
+
+DPO_GOOD = {"conversations": [{"from": "human", "value": "Q?"}],
+            "chosen": {"from": "gpt", "value": "A."}, "rejected": {"from": "gpt", "value": "B."}}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({k: v for k, v in DPO_GOOD.items() if k != "rejected"}, "missing 'rejected'"),
+    (dict(DPO_GOOD, chosen=None), "missing 'chosen'"),
+    ({"chosen": DPO_GOOD["chosen"], "rejected": DPO_GOOD["rejected"]}, "missing 'conversations'"),
+    (dict(DPO_GOOD, chosen=7), "'chosen' must be a message object"),
+    (dict(DPO_GOOD, conversations=[{"from": "robot", "value": "x"}]),
+     r"'conversations'\[0\]: unknown ShareGPT role 'robot'"),
+    (dict(DPO_GOOD, conversations=["Q?"]), r"'conversations'\[0\] must be an object"),
+    (["not", "a", "record"], "expected an object, got list"),
+])
+def test_dpo_plugin_names_file_and_record_of_a_bad_record(tmp_path, bad, message):
+    """A bad record in a dpo file is refused by the bundled plugin naming the file and the
+    record's index (of that file, also with several files); the parts are encoder.plugins'."""
+    plugin = _dpo_plugin()
+    first, second = tmp_path / "first.json", tmp_path / "pairs.json"
+    first.write_text(json.dumps([DPO_GOOD] * 3))
+    second.write_text(json.dumps([DPO_GOOD, DPO_GOOD, bad]))
+    with pytest.raises(ValueError, match=rf"pairs.json: record 2: {message}"):
+        list(plugin.data_loader(f"{first},{second}"))
+    # the part holding the bad record names it the same way; the other part reads fine
+    assert len(list(plugin.data_loader(f"{first},{second}", part=0, num_parts=2))) == 3
+    with pytest.raises(ValueError, match=rf"pairs.json: record 2: {message}"):
+        list(plugin.data_loader(f"{first},{second}", part=1, num_parts=2))
+
+
+def test_dpo_plugin_error_reaches_the_user_with_file_and_record(tmp_path, hermetic_tokenizer_dir,
+                                                                capsys):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([DPO_GOOD, {"conversations": DPO_GOOD["conversations"],
+                                           "chosen": DPO_GOOD["chosen"]}]))
+    rc = encode_main(["--tokenizer_path", hermetic_tokenizer_dir, "--data_loader_path",
+                      str(PLUGINS / "dpo_sharegpt.py"), "--data_loader_args", f"path={data}",
+                      "--encode_type", "preference", "--template", "alpaca", "--output_path",
+                      str(tmp_path / "o"), "--corpus_name", "c", "--max_length", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pairs.json: record 1: missing 'rejected'" in err, err
+    assert not (tmp_path / "o" / "c" / "manifest.json").exists()
+
+
 def test_parts_merge_into_one_pair_dataset(tmp_path, hermetic_tokenizer_dir):
     """--part 0/2 and 1/2 merged (python -m shardfmt merge) read like one encode."""
     from shardfmt.merge import merge_datasets
