@@ -36,7 +36,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 import uuid
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -47,8 +46,9 @@ from encoder.cli import build_parser as build_encoder_parser
 from encoder.cli import check_args
 from encoder.errors import (CrossCheckError, EncoderError, EncoderInputError, EncoderRunError,
                             InputNotFoundError, OutputExistsError, UsageError, exit_code)
-from shardfmt.errors import ShardfmtError
+from shardfmt.errors import ConfigFileError, ShardfmtError
 from shardfmt.errors import exit_code as shardfmt_exit_code
+from shardfmt.run_config import config_argv
 from shardfmt.spec import MANIFEST_NAME
 
 PROGRESS_SECONDS = 5.0     # driver prints a progress line at most this often
@@ -159,7 +159,14 @@ def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Nam
         problems.append("--address and --ship_code need --engine ray")
     if ours.only_parts is not None and ours.merge_only:
         problems.append("--only_parts and --merge_only exclude each other")
-    enc = build_encoder_parser().parse_args(rest)   # exits 2 with the encoder's usage on bad flags
+    enc_parser = build_encoder_parser()
+    try:   # --config RUN.yaml (the encoder's flags, as encoder/main.py reads it): the command
+        # line wins; the parts get the resolved flags, so they never read the file themselves
+        rest, _ = config_argv(enc_parser, rest)
+    except ConfigFileError as e:
+        raise UsageError(f"{e} (--config holds the encoder's flags; give encoder.distributed's "
+                         f"own flags, such as --num_parts, on the command line)") from e
+    enc = enc_parser.parse_args(rest)   # exits 2 with the encoder's usage on bad flags
     for flag in ("part", "analyze"):
         if getattr(enc, flag, None):
             problems.append(f"--{flag} is set by encoder.distributed itself; remove it "
@@ -270,7 +277,10 @@ def encode_part(encoder_argv: Sequence[str], layout: Layout, index: int, *,
             str(attempt), "--corpus_name", layout.corpus_name]
     args = build_encoder_parser().parse_args(argv)
     args.overwrite = False
-    check_args(args)
+    try:
+        check_args(args)   # the flags with this part's --part/--output_path
+    except UsageError as e:   # the same on every retry: a user error, not a failed attempt
+        return {"part": index, "error": f"{type(e).__name__}: {e}"}
     attempt.mkdir(parents=True)
     try:
         with open(attempt / "encode.log", "w", encoding="utf-8") as log, \
@@ -364,14 +374,17 @@ class Progress:
 
 def run_local(encoder_argv: Sequence[str], layout: Layout, todo: Sequence[int],
               progress: Progress) -> None:
-    """The parts one after the other in this process (a Slurm array task runs one)."""
+    """The parts one after the other in this process (a Slurm array task runs one). Only the
+    encoder's own errors are caught (reported per part, the other parts still run): bad flags or
+    data -> a user error (exit 2), a run failure or a retryable plugin I/O error -> a failed part
+    (exit 1). Anything else is a bug and propagates with its traceback."""
     for i in todo:
         try:
             progress.finish(encode_part(encoder_argv, layout, i))
-        except Exception as e:  # noqa: BLE001 - report which part failed, keep the others
-            if not isinstance(e, EncoderError):   # a bug: keep its traceback visible
-                traceback.print_exc()
-            progress.failed[i] = f"{type(e).__name__}: {e}"
+        except EncoderError as e:
+            user_error = isinstance(e, EncoderInputError) and not transient(e)
+            (progress.user_errors if user_error else progress.failed)[i] = \
+                f"{type(e).__name__}: {e}"
         progress.maybe_print(force=True)
 
 

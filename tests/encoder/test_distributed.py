@@ -144,6 +144,62 @@ def test_bad_rows_flags_and_existing_output(dist, write_plugin, tmp_path, hermet
     assert len(open_dataset(str(tmp_path / "d" / "c"))) == 8
 
 
+def test_config_file_values_reach_every_part(dist, single, tmp_path, hermetic_tokenizer_dir):
+    """--config RUN.yaml is read as encoder/main.py reads it (the command line wins), and the
+    parts get the resolved flags: the merged dataset equals a plain run with those flags."""
+    import yaml
+    from encoder.distributed import parse_command
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"tokenizer_path": hermetic_tokenizer_dir,
+                                   "data_loader_path": SLOW_PLUGIN, "data_loader_args": ["rows=12"],
+                                   "encode_type": "qa", "max_length": 48, "merge_data": True}))
+    out = ["--output_path", str(tmp_path / "d"), "--corpus_name", "c"]
+    ours, enc, argv = parse_command(["--num_parts", "2", "--config", str(cfg), *out,
+                                     "--max_length", "40"])
+    assert (enc.max_length, enc.merge_data, enc.data_loader_args) == (40, True, ["rows=12"])
+    assert "--config" not in argv and "--merge_data" in argv
+    code, _, err = dist("--engine", "local", "--num_parts", 2, "--config", cfg, *out)
+    assert code == 0, err
+    ref = single(*qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=12",
+                           "--max_length", "48", "--merge_data"), out=tmp_path / "single")
+    assert docs_of(tmp_path / "d" / "c") == docs_of(ref)
+    assert open_dataset(str(tmp_path / "d" / "c")).manifest["max_length"] == 48
+    cfg.write_text("num_parts: 2\n")   # our own flags stay on the command line: exit 2, named
+    code, _, err = dist("--engine", "local", "--num_parts", 2, "--config", cfg, *out)
+    assert code == 2 and "'num_parts'" in err and "on the command line" in err, err
+
+
+def test_run_local_exit_codes_usage_and_bugs(dist, tmp_path, hermetic_tokenizer_dir,
+                                            monkeypatch):
+    """A UsageError of one part's flags is bad usage (exit 2, not a 'failed part'); a bug (any
+    other exception) propagates with its traceback instead of becoming exit 1."""
+    import encoder.distributed as distributed
+    from encoder.errors import UsageError
+
+    real_check = distributed.check_args
+
+    def check(args):
+        if args.part:
+            raise UsageError(f"--part {args.part}: refused for this test")
+        real_check(args)
+
+    flags = ["--engine", "local", "--num_parts", 2,
+             *qa_flags(hermetic_tokenizer_dir, SLOW_PLUGIN, "--data_loader_args", "rows=4"),
+             "--output_path", tmp_path / "d", "--corpus_name", "c"]
+    monkeypatch.setattr(distributed, "check_args", check)
+    code, _, err = dist(*flags)
+    assert code == 2 and "part 0: UsageError: --part 0/2: refused for this test" in err, err
+    assert "part 0 failed" not in err and "re-run the same command" not in err
+    monkeypatch.setattr(distributed, "check_args", real_check)
+
+    def bug(*a, **k):
+        raise ZeroDivisionError("a bug in the encoder")
+    monkeypatch.setattr("encoder.main.run", bug)
+    with pytest.raises(ZeroDivisionError, match="a bug in the encoder"):
+        dist(*flags)
+
+
 def test_help_lists_our_flags_and_the_encoders():
     res = subprocess.run([sys.executable, "-m", "encoder.distributed", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
