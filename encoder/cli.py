@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
       "in-process). Output is byte-identical for any value.")
     a("--add_tokens", nargs="+", default=[], metavar="TOKEN", help="special tokens to add to the "
       "tokenizer before encoding; the modified tokenizer is saved to the dataset's tokenizer/ "
-      "directory and the manifest lists the tokens and ids.")
+      "directory and the manifest lists the tokens and ids. Being special, they are never made "
+      "from data text (the template inserts them); for new tokens recognised in data, extend the "
+      "vocabulary with `python -m encoder.tokenizer extend --pieces FILE`.")
     a("--overwrite", action="store_true", help="replace an existing dataset at "
       "OUTPUT_PATH/CORPUS_NAME (refused otherwise). The new one is written beside it and swapped "
       "in when complete; a failed or killed run leaves the old one intact.")
