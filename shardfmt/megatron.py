@@ -551,7 +551,7 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
         >>> r.num_sequences, r.loss_mask_dropped                                # doctest: +SKIP
     """
     if split not in ("document", "segment"):
-        raise ValueError(f"split must be 'document' or 'segment', got {split!r}")
+        raise UsageError(f"--split must be 'document' or 'segment', got {split!r}")
     _refuse_labelled_samples(dataset)
     out_dtype = dtype if dtype is not None else getattr(dataset, "dtype", "int32")
     continues_fn = getattr(dataset, "doc_continues", None)
@@ -574,18 +574,12 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
                 if split == "segment":
                     if not c:
                         builder.end_document()  # the previous document ends here
-                    try:
-                        builder.add_tokens(ids[pos:pos + n])
-                    except ValueError as err:
-                        raise ValueError(f"sample {i}: {err}") from None
+                    _add_sample_tokens(builder, ids[pos:pos + n], sample=i)
                     builder.end_sequence()
                 else:
                     if not c:
                         builder.end_document()  # one sequence per document
-                    try:
-                        builder.add_tokens(ids[pos:pos + n])
-                    except ValueError as err:
-                        raise ValueError(f"sample {i}: {err}") from None
+                    _add_sample_tokens(builder, ids[pos:pos + n], sample=i)
                 pos += n
         result = builder.finalize()
     if result.loss_mask_dropped:
@@ -593,3 +587,12 @@ def export_megatron(dataset: Any, prefix: str | os.PathLike, *, dtype: str | np.
                       f"(loss mask not all ones); Megatron has no loss mask, so the export "
                       f"trains every token", UserWarning, stacklevel=2)
     return result
+
+
+def _add_sample_tokens(builder: MegatronBuilder, ids: np.ndarray, *, sample: int) -> None:
+    """builder.add_tokens; its UsageError (an id too wide for the --dtype, a sequence too long
+    for Megatron) stays a UsageError, so the CLI exits 2, and names the sample it came from."""
+    try:
+        builder.add_tokens(ids)
+    except UsageError as err:
+        raise UsageError(f"sample {sample}: {err}") from None

@@ -181,11 +181,19 @@ def test_export_flags_dropped_loss_masks_and_round_trips(tmp_path):
     export_megatron(m, tmp_path / "m", overwrite=True)  # a MegatronDataset exports too
 
 
-def test_export_dtype_narrowing_refuses_ids_that_do_not_fit(tmp_path):
+def test_export_dtype_narrowing_refuses_ids_that_do_not_fit(tmp_path, capsys):
     samples = [([(np.array([1, 70000, 3]), np.ones(3))], False)]
     ds = open_dataset(write_shards(tmp_path, samples, dtype="int32"))
     with pytest.raises(ValueError, match="token id 70000 does not fit uint16.*dtype='int32'"):
         export_megatron(ds, tmp_path / "m", dtype="uint16")
+    assert not list(tmp_path.glob("m.*")), "a failed export must leave no files"
+    # the CLI: bad usage (exit 2), one line naming the sample, the id and the --dtype that fits
+    from shardfmt.__main__ import main
+    assert main(["export-megatron", str(tmp_path / "c"), str(tmp_path / "m"),
+                 "--dtype", "uint16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sample 0: token id 70000 does not fit uint16") and \
+        "--dtype int32" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.glob("m.*")), "a failed export must leave no files"
     ok = open_dataset(write_shards(tmp_path / "ok", [([(np.array([1, 2]), np.ones(2))], False)],
                                    dtype="int32"))
