@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shardfmt.errors import MixSpecError
+from shardfmt.errors import MixSpecError, UsageError
 from shardfmt.sampler import GlobalSampler
 
 __all__ = ["MixEntry", "parse_mix", "BlendedSampler"]
@@ -291,9 +291,10 @@ class BlendedSampler:
                 "samples_seen": self.samples_seen(consumed_samples)}
 
     def check_compatible(self, state: dict[str, Any]) -> None:
-        """Raise ValueError if a checkpoint's sampler state does not describe this mix."""
+        """Raise UsageError (a ValueError) if a checkpoint's sampler state does not describe this
+        mix."""
         if not isinstance(state, dict) or state.get("kind") != "blend":
-            raise ValueError("sampler state does not match the current run: the checkpoint was "
+            raise UsageError("sampler state does not match the current run: the checkpoint was "
                              "trained without --data_path weights, this run has weights. "
                              "Resuming would silently change the sample order.")
         problems = []
@@ -305,7 +306,7 @@ class BlendedSampler:
                 abs(a - b) > 1e-12 for a, b in zip(saved_w, self.weights)):
             problems.append(f"weights: checkpoint {saved_w}, now {self.weights}")
         if problems:
-            raise ValueError("sampler state does not match the current run: " + "; ".join(problems)
+            raise UsageError("sampler state does not match the current run: " + "; ".join(problems)
                              + ". Resuming would silently change the sample order.")
 
 

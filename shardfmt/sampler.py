@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from shardfmt.errors import UsageError
+
 __all__ = ["GlobalSampler", "RankIterator"]
 
 ROUNDS = 8  # Feistel rounds; 4 suffice in theory, 8 keep tiny domains (N < 16) close to uniform
@@ -296,12 +298,17 @@ class GlobalSampler:
         return sampler, consumed
 
     def check_compatible(self, state: dict[str, Any]) -> None:
-        """Raise ValueError if a checkpoint's sampler state does not match this sampler.
+        """Raise UsageError (a ValueError) if a checkpoint's sampler state does not match this
+        sampler.
 
         Call it on resume with the sampler built from the *current* dataset: a different
         num_samples means the dataset changed since the checkpoint, so the saved position no
         longer names the same samples.
         """
+        if isinstance(state, dict) and state.get("kind") == "blend":  # shardfmt/mixing.py's
+            raise UsageError("sampler state does not match the current run: the checkpoint was "
+                             "trained with --data_path weights, this run has none. Resuming would "
+                             "silently change the sample order.")
         saved, _ = self.from_state_dict(state)
         problems = []
         if saved.num_samples != self.num_samples:
@@ -312,7 +319,7 @@ class GlobalSampler:
         if saved.shuffle != self.shuffle:
             problems.append(f"shuffle: checkpoint {saved.shuffle}, now {self.shuffle}")
         if problems:
-            raise ValueError("sampler state does not match the current run: " + "; ".join(problems)
+            raise UsageError("sampler state does not match the current run: " + "; ".join(problems)
                              + ". Resuming would silently change the sample order.")
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from shardfmt import vocab_hash
+from shardfmt.errors import UsageError as ShardfmtUsageError
 from shardfmt.preference import sequence_lengths
 from trainer import checkpoint as ckpt_mod
 from trainer import ds_config as dsc
@@ -127,6 +128,23 @@ def _setup_data(args: TrainArgs) -> tuple[DataSources, DataSources | None]:
     return train, evaluation
 
 
+def resume_mismatch_message(ckpt: Path, ckpt_state: dict, args: TrainArgs, err: Exception) -> str:
+    """Why this run cannot continue the checkpoint's sample order, naming the flags that differ
+    from the checkpoint's run (its trainer_state.json records them) and the two ways out."""
+    saved = ckpt_state.get("args", {})
+    fixes = []
+    if "seed" in saved and saved["seed"] != args.seed:
+        fixes.append(f"--seed {saved['seed']}")
+    if "shuffle_data" in saved and saved["shuffle_data"] != args.shuffle_data:
+        fixes.append("--shuffle_data" if saved["shuffle_data"] else "--no-shuffle_data")
+    if "data_path" in saved and (saved["data_path"] != args.data_path or not fixes):
+        fixes.append("--data_path " + " ".join(map(str, saved["data_path"]))
+                     + " (the same data, unchanged since the checkpoint)")
+    return (f"--load_ckpt_path {ckpt}: this run's data order differs from the checkpoint's ({err}) "
+            f"Resume with the checkpoint's {', '.join(fixes) or '--seed and --data_path'}, or "
+            f"start a new run (without --load_ckpt_path).")
+
+
 class Trainer:
     """Holds everything built before step 1; `run()` is the loop."""
 
@@ -146,6 +164,7 @@ class Trainer:
         self.dtype = mdl.resolve_precision(args.precision)
         self.global_batch = args.micro_batch_size * args.gradient_accumulation_steps * info.world_size
         self.total_steps = total_steps_for(args, len(self.train_ds), self.global_batch)
+        self.sampler = self._setup_sampler()  # before the model loads: a changed seed fails fast
         model_src = str(self.ckpt) if self.ckpt and not args.use_lora else args.model_path
         self.model_config = self._setup_model_config(model_src)
         self.attn = mdl.resolve_attn_implementation(args.attn_implementation, base_config)
@@ -161,9 +180,6 @@ class Trainer:
         if self.pref is not None:
             self.pref.setup_reference(use_lora=args.use_lora, ds_config=self.ds_config, zero3=self.zero3,
                                       tokenizer=self.tokenizer, vocab_plan=self.vocab_plan)
-        self.sampler = build_train_sampler(
-            self.train_data, global_batch=self.global_batch, seed=args.seed,
-            shuffle=args.shuffle_data, saved_state=(self.ckpt_state or {}).get("sampler"))
         self.state = (self._restore() if self.ckpt is not None
                       else RunState(source_samples=[0] * len(self.train_data.sources)))
         self.run_dir = ckpt_mod.make_run_dir(args.output_path, args.save_name, args.no_timestamp, info)
@@ -323,6 +339,21 @@ class Trainer:
                      problem)
         return problem is None
 
+    def _setup_sampler(self):
+        """The global sample order (seed, shuffle, data sizes and weights); on resume it must be
+        the checkpoint's, else the saved position would name other samples (a UsageError)."""
+        args = self.args
+        saved = (self.ckpt_state or {}).get("sampler")
+        sampler = build_train_sampler(self.train_data, global_batch=self.global_batch,
+                                      seed=args.seed, shuffle=args.shuffle_data, saved_state=saved)
+        if self.ckpt is not None:
+            try:
+                sampler.check_compatible(saved)
+            except ShardfmtUsageError as err:
+                raise UsageError(resume_mismatch_message(self.ckpt, self.ckpt_state, args, err)) \
+                    from None
+        return sampler
+
     def _setup_engine(self, model):
         """(DeepSpeed engine, LR scheduler): the optimizer and schedule the plans describe."""
         import deepspeed
@@ -334,7 +365,6 @@ class Trainer:
     def _restore(self) -> RunState:
         """Resume: engine (or LR position), RNG streams; returns the run state to continue from."""
         st, ckpt, info = self.ckpt_state, self.ckpt, self.info
-        self.sampler.check_compatible(st["sampler"])
         has_optimizer = (ckpt / ckpt_mod.DS_DIR / ckpt_mod.DS_TAG).is_dir()
         universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal", False))
         if has_optimizer and st["world_size"] != info.world_size and not universal:

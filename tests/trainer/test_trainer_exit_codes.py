@@ -151,6 +151,26 @@ def test_train_tracker_write_fails_mid_run_is_1(train_main, assets, tmp_path, mo
     assert train_main(train_argv(assets, tmp_path / "again")) == 0
 
 
+def test_train_resume_with_another_seed_or_data_is_2(train_main, assets, tmp_path, capsys):
+    """Resuming with a different --seed or other data would silently change the sample order:
+    exit 2 before the model loads, one line naming --load_ckpt_path, the flag, the checkpoint's
+    value and the way out."""
+    argv = train_argv(assets, tmp_path / "out", "--save_name", "r", "--save_steps", "1")
+    assert train_main(argv) == 0
+    run_dir = tmp_path / "out" / "r"
+    capsys.readouterr()
+    for extra, fix in [(["--seed", "8"], "--seed 7"),
+                       (["--data_path", str(assets["eval"])], f"--data_path {assets['train']}")]:
+        assert train_main([*argv, "--load_ckpt_path", str(run_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        [line] = [l for l in err.splitlines() if l.startswith("trainer: error")]
+        assert f"--load_ckpt_path {run_dir / 'checkpoints' / 'step_1'}: this run's data order " \
+               f"differs from the checkpoint's" in line, line
+        assert f"Resume with the checkpoint's {fix}" in line and "start a new run" in line, line
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
+
+
 # ------------------------------------------------------------------------------ trainer.export
 def test_export_codes(trained, tmp_path, monkeypatch, capsys):
     import transformers
