@@ -1,7 +1,8 @@
 """`python -m shardfmt {inspect,verify,export-megatron,merge}`: look at, check and convert datasets.
 
     python -m shardfmt inspect out/corpus [--json] [--tokenizer PATH --show 3]
-    python -m shardfmt verify out/corpus            # exit 0 = intact, 1 = problems (listed)
+    python -m shardfmt verify out/corpus            # exit 0 = intact, 1 = problems (listed):
+                                                    # checksums, index, preference pairs, doc flags
 
 Exit codes (all subcommands): 0 ok; 1 the run failed (verify: the data does not match its
 checksums or index, or a file of it is missing; any other subcommand: a shard found corrupt); 2
@@ -27,6 +28,7 @@ import numpy as np
 from shardfmt.errors import ShardfmtError, exit_code
 from shardfmt.protocol import TokenDataset
 from shardfmt.sources import open_dataset, path_kind
+from shardfmt.verify import verify_dataset
 
 
 def dataset_summary(ds: TokenDataset) -> dict:
@@ -105,7 +107,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         path_kind(path)   # DatasetNotFoundError: nothing there to verify
     try:
         ds = open_dataset(args.dirs)  # header and size checks of every file
-        problems = ds.verify()
+        problems = verify_dataset(ds)  # + preference pairs, doc_flags and the KTO count
     except ShardfmtError as err:
         problems = [str(err)]
     for p in problems:
@@ -124,7 +126,8 @@ def _leaves(ds: TokenDataset) -> list[TokenDataset]:
 
 
 _VERIFIED = {
-    "shardfmt": "shardfmt: checksums and index structure verified",
+    "shardfmt": "shardfmt: checksums, index structure and doc flags (preference pairs, KTO "
+                "counts) verified",
     "megatron": "Megatron: header, file sizes and every index entry verified (Megatron files "
                 "carry no checksums)",
 }

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from shardfmt.errors import CorruptShardError
 from shardfmt.reader import Sample
 
 PREFERENCE_ENCODE_TYPE = "preference"
@@ -47,11 +48,12 @@ def is_preference(manifest: dict | None) -> bool:
 
 
 def check_preference_manifest(manifest: dict, *, path: str) -> None:
-    """Refuse a manifest that claims pairs in a layout this reader does not know."""
+    """Refuse a manifest that claims pairs in a layout this reader does not know (a
+    CorruptShardError, like an unknown format_version: the CLI's exit 1)."""
     entry = manifest.get("preference")
     if not isinstance(entry, dict) or entry.get("layout") != "pairs" or \
             entry.get("segments_per_pair") != 2 or list(entry.get("order", [])) != list(PAIR_ORDER):
-        raise ValueError(f"{path}: encode_type 'preference' but the manifest's 'preference' record "
+        raise CorruptShardError(f"{path}: encode_type 'preference' but the manifest's 'preference' record "
                          f"is {entry!r}; this reader knows layout 'pairs' (2 segments: chosen, "
                          f"rejected). Re-encode with this version of the encoder.")
 
@@ -122,7 +124,7 @@ def check_kto_manifest(manifest: dict, *, path: str) -> None:
     """Refuse a manifest that claims unpaired examples in a layout this reader does not know."""
     entry = manifest.get("kto")
     if not isinstance(entry, dict) or entry.get("layout") != "unpaired":
-        raise ValueError(f"{path}: encode_type 'kto' but the manifest's 'kto' record is "
+        raise CorruptShardError(f"{path}: encode_type 'kto' but the manifest's 'kto' record is "
                          f"{entry!r}; this reader knows layout 'unpaired' (one example per "
                          f"segment, label in doc_flags bit 1). Re-encode with this encoder.")
 

@@ -86,7 +86,10 @@ def verify_shard(shard: "_ShardFiles") -> list[str]:
 
 
 def verify_dataset(ds: "TokenDataset") -> list[str]:
-    """Problems found (empty list = the dataset is intact), each naming the file. Any kind."""
+    """Problems found (empty list = the dataset is intact), each naming the file. Any kind; a
+    concatenation is checked part by part (each part's own manifest: pairs, doc flags, KTO)."""
+    if hasattr(ds, "parts"):  # ConcatDataset (shardfmt/protocol.py)
+        return [problem for part in ds.parts for problem in verify_dataset(part)]
     problems = ds.verify()
     manifest = getattr(ds, "manifest", None)
     if manifest and manifest.get("encode_type") == "preference":  # shardfmt/preference.py

@@ -293,6 +293,30 @@ def test_verify_cli_exit_codes(dataset):
     assert bad.returncode == 1 and "c_00001.bin: checksum" in bad.stdout
 
 
+def test_verify_cli_runs_the_preference_and_doc_flag_checks(tmp_path, capsys):
+    """`python -m shardfmt verify` runs verify_dataset: checksums pass, yet a preference sample
+    that is not whole (chosen, rejected) pairs, or a KTO flag in a qa dataset, fails (exit 1),
+    also inside a concatenation of several datasets."""
+    from shardfmt.__main__ import main
+    from shardfmt.spec import DOC_FLAG_UNDESIRABLE
+    from shardfmt.preference import preference_manifest_entry
+    with ShardWriter(tmp_path, "pref", dtype="uint16", encode_type="preference", max_length=64,
+                     tokenizer_info=TOK_INFO, manifest_extra={"preference": preference_manifest_entry(
+                         sequence_max_length=64, pairs=1)}) as w:
+        w.add_sample([([1, 2], [0, 1]), ([1, 3], [0, 1]), ([1, 4], [0, 1])])  # 1.5 pairs
+    flagged = ShardWriter(tmp_path, "flags", dtype="uint16", encode_type="qa", max_length=64,
+                          tokenizer_info=TOK_INFO)
+    with flagged as w:
+        w.add_sample([([1, 2], [0, 1])], doc_flags=[DOC_FLAG_UNDESIRABLE])
+    good = write(tmp_path, [[([1, 2], [0, 1])]], name="good")
+    assert main(["verify", str(good)]) == 0 and capsys.readouterr().out.startswith("OK 1 samples")
+    for dirs, want in [([tmp_path / "pref"], "not whole (chosen, rejected) pairs"),
+                       ([good, tmp_path / "flags"], "has doc_flags 2; allowed bits here")]:
+        assert main(["verify", *map(str, dirs)]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("FAIL ") and want in out and "OK" not in out, out
+
+
 def test_offset_outside_file_raises_not_reads(dataset):
     """An index whose offsets point past the tokens raises on access instead of reading junk."""
     idx = dataset / "c_00000.idx"
