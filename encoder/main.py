@@ -38,7 +38,7 @@ from encoder.document_encoder import (DocumentEncoder, Encoded,  # noqa: E402
 from encoder.stats import (RunStats, plot_lengths, summary_lines,  # noqa: E402
                            truncation_warning, write_stats_json)
 from encoder.tokenizer_policy import choose_dtype  # noqa: E402
-from shardfmt.writer import SampleBlock  # noqa: E402
+from shardfmt.writer import SampleBlock, fsync_tree  # noqa: E402
 from shardfmt.spec import DOC_FLAG_UNDESIRABLE  # noqa: E402
 
 IMPORTS_DONE = time.time()
@@ -375,8 +375,9 @@ def _write_dataset(samples: Iterable[PackedWindow | SampleBlock], *, args: Any, 
                             else tokenizer_info or tokenizer_identity(encoder.tok))
         if added:
             encoder.tok.save_pretrained(str(w.directory / "tokenizer"))
+            fsync_tree(w.directory / "tokenizer")  # ~5 files: on disk before the manifest
         # before the writer closes: manifest.json is written last, so a dataset with a manifest
-        # always has its stats.json (and plot) too
+        # always has its stats.json (and plot, and tokenizer/) too, each fsynced before it
         write_stats_json(w.directory / "stats.json", result)
         if args.plot:
             plot_lengths(w.directory / "lengths.png", stats.doc_lengths,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shardfmt.writer import open_atomic, write_text_atomic
+
 MAX_REASONS = 5
 
 
@@ -148,7 +150,9 @@ def summary_lines(stats: dict, *, seconds: float | None = None) -> list[str]:
 
 
 def write_stats_json(path: Path, stats: dict) -> None:
-    path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    """Durably (shardfmt's write_text_atomic: 2 fsyncs), before the manifest marks the dataset
+    complete."""
+    write_text_atomic(path, json.dumps(stats, indent=2) + "\n")
 
 
 def plot_lengths(path: Path, doc_lengths: list[int], *, max_length: int, title: str) -> None:
@@ -165,5 +169,8 @@ def plot_lengths(path: Path, doc_lengths: list[int], *, max_length: int, title: 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with open_atomic(path, "wb") as f:  # durable before the manifest (2 fsyncs)
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

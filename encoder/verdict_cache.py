@@ -20,8 +20,9 @@ Safety:
     version or calibration set never reuses it, whatever the file is named.
   * only for tokenizers loaded from tokenizer.json alone (`JsonTokenizer`): a transformers tokenizer
     may differ from its file (added tokens, rebuilt pipelines), so it is always calibrated in full.
-  * JSON only (no pickle); written atomically (a temporary file in the same directory, then
-    os.replace), so a reader sees the old entry or the new one, never half of one. Unreadable,
+  * JSON only (no pickle); written atomically (shardfmt's write_text_atomic: a temporary file of
+    a unique name in the same directory, fsynced, then os.replace), so a reader sees the old entry
+    or the new one, never half of one, even with several encoders writing at once. Unreadable,
     corrupt or foreign entries count as missing; a cache that cannot be written is skipped.
 
 Location: $LLM_ENCODE_CACHE, else $XDG_CACHE_HOME/llm-encode, else ~/.cache/llm-encode;
@@ -33,10 +34,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from shardfmt.writer import write_text_atomic
 
 CACHE_ENV = "LLM_ENCODE_CACHE"
 SCHEMA = 1
@@ -162,15 +164,8 @@ class VerdictCache:
         entry = {**self.entry(), **fields, "key": self.key}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp",
-                                       dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(entry, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # shardfmt's one durable writer: a unique temp per process, removed on failure
+            write_text_atomic(self.path, json.dumps(entry, indent=1, sort_keys=True))
         except OSError:
             return False
         self._entry = entry

@@ -11,7 +11,8 @@ Layout:
       prompt_format.json                     the data's template + special-token policy
       rng/rank_<r>.json                      every rank's RNG state (JSON, no pickle)
       deepspeed/ds/...                       --save_optimizer: DeepSpeed engine checkpoint
-A checkpoint is written under checkpoints/.tmp_step_<N> and renamed when complete.
+A checkpoint is written under checkpoints/.tmp_step_<N>, fsynced (every file and directory) and
+renamed when complete; `latest` is rewritten (durably) after the rename.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from shardfmt.writer import fsync_dir, write_json_atomic, write_text_atomic
+from shardfmt.writer import fsync_dir, fsync_tree, write_json_atomic, write_text_atomic
 from trainer.dist import DistInfo, all_reduce_sum, barrier, broadcast_text
 from trainer.errors import CheckpointNotFoundError, CheckpointSaveError
 
@@ -220,6 +221,9 @@ def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict
         if save_optimizer:
             engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={"step": step},
                                    exclude_frozen_parameters=use_lora)
+            # every rank: its own shards are on disk even when ranks run on other nodes (rank 0's
+            # fsync_tree below then finds them clean; a clean file's fsync is ~free)
+            fsync_tree(tmp / DS_DIR)
         _write_json(tmp / "rng" / f"rank_{info.rank}.json", rng_state())
 
     def publish() -> None:
@@ -232,6 +236,9 @@ def _save_checkpoint(*, engine, tokenizer, run_dir: Path, step: int, state: dict
             _write_json(tmp / PROMPT_FORMAT, prompt_format)
         plot_loss_curve(state["loss_history"], state.get("eval_history", []), tmp / "loss_curve.png")
         _write_json(tmp / STATE_NAME, state)  # last file inside the checkpoint
+        # weights, tokenizer, plot and engine shards went through the page cache: on disk before
+        # the rename publishes them (one fsync per file and directory, ~20-40 for a checkpoint)
+        fsync_tree(tmp)
         if final.exists():
             trash = ckpt_root / f".trash_step_{step}"
             os.replace(final, trash)

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # `python trainer/export.py` as well as `python -
 
 import torch
 
+from shardfmt.writer import fsync_dir, fsync_tree
 from trainer.checkpoint import DS_DIR, DS_TAG, PROMPT_FORMAT, read_state, resolve_checkpoint
 from trainer.dtypes import PRECISION_DTYPES as DTYPES
 from trainer.errors import (OUR_ERRORS, InputNotFoundError, OutputExistsError, RunError,
@@ -212,9 +213,11 @@ def _write_export(tmp: Path, out: Path, model, tokenizer, *, ckpt: Path, report:
     if report is not None:
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     _check_loads(tmp, model)
+    fsync_tree(tmp)  # on disk before the rename publishes it (one fsync per file, ~10)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    fsync_dir(out.parent)  # the rename itself is durable
 
 
 def _check_loads(path: Path, model) -> None:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from shardfmt.preference import is_kto, is_preference, pair_counts, split_pairs
+from shardfmt.writer import open_atomic
 from trainer.data import IGNORE_INDEX, RankSampler, collate
 from trainer.dtypes import precision_name
 from trainer.errors import UsageError
@@ -324,12 +325,11 @@ def model_fingerprint(model_path: str | Path) -> str:
 
 def save_reference_file(path: Path, logps: np.ndarray, meta: dict) -> None:
     """npz with `logps` (pairs x 2, float64) and `meta` (JSON text): loads without pickle. Written
-    to a temporary name and renamed, so an interrupted run leaves no file that looks complete."""
+    durably (shardfmt's open_atomic: unique temp + fsync + rename + directory fsync; the temp is
+    removed on failure), so an interrupted run leaves no file that looks complete."""
     import json
-    import os
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, logps=logps.astype(np.float64), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
+    with open_atomic(path, "wb") as f:
+        np.savez(f, logps=logps.astype(np.float64), meta=np.array(json.dumps(meta)))
 
 
 def load_reference_file(path: Path, *, dataset_hash: str, model_hash: str, num_pairs: int,

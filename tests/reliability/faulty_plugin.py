@@ -9,7 +9,7 @@ live here, in user code loaded by the encoder; the encoder itself has none.
   RELI_BLOCK_ROW  block just before yielding this row (during reading/tokenizing/writing)
   RELI_BLOCK_AT   idx_rename      - shard 3's .bin renamed into place, its .idx not yet
                   before_manifest - every shard final, manifest.json not yet written
-                  manifest_rename - manifest.json.tmp written and fsynced, not yet renamed
+                  manifest_rename - manifest.json.<pid>.<hex>.tmp written and fsynced, not yet renamed
 """
 
 import os

@@ -79,7 +79,8 @@ POINTS = {
                                         lambda names: not any(n.endswith(".tmp") for n in names)
                                         and "c_00010.idx" in names),
     "manifest_tmp_not_renamed": ({"RELI_BLOCK_AT": "manifest_rename"}, (),
-                                 lambda names: "manifest.json.tmp" in names),
+                                 lambda names: any(n.startswith("manifest.json.") and
+                                                   n.endswith(".tmp") for n in names)),
 }
 # --overwrite of a complete dataset writes beside it (.c.incoming/) and swaps at the end: killed
 # mid-way, the old dataset is still there, complete and byte-identical (checked separately below)

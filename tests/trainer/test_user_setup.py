@@ -337,7 +337,10 @@ def test_checkpoint_metadata_is_written_durably(tmp_path, monkeypatch):
         f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
     checkpoint._write_json(tmp_path / "trainer_state.json", {"step": 3, "p": tmp_path})
     assert json.loads((tmp_path / "trainer_state.json").read_text()) == {"step": 3, "p": str(tmp_path)}
-    assert synced == [str(tmp_path / "trainer_state.json.tmp"), str(tmp_path)]
+    # a temp name of its own (pid + random: two writers of one path never share a temp file)
+    [tmp_name, directory] = synced
+    assert tmp_name.startswith(str(tmp_path / f"trainer_state.json.{os.getpid()}.")) and \
+        tmp_name.endswith(".tmp") and directory == str(tmp_path), synced
     assert checkpoint.write_text_atomic is writer.write_text_atomic
     monkeypatch.setattr(writer.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "full")))
     with pytest.raises(OSError):
