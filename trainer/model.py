@@ -90,12 +90,19 @@ def load_model_config(path: str | Path):
                          f"--model_path at a directory with a valid config.json") from e
 
 
-def load_training_tokenizer(path: str | Path):
-    """The tokenizer saved beside the model, or None (warned) when there is none (--from_scratch)."""
+def load_training_tokenizer(path: str | Path, *, flag: str | None = None):
+    """The tokenizer at `path`. Given by a flag (`flag`, e.g. "--tokenizer_path"), one that does
+    not load is a UsageError naming the flag, the path and the error: the user asked for it, and
+    without it the tokenizer/data check would silently be off. The implicit tokenizer beside the
+    model (flag None) may be absent (--from_scratch, a bare weights dir): None, with a warning."""
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:
+        if flag is not None:
+            raise UsageError(f"{flag} {path}: the tokenizer does not load ({type(e).__name__}: "
+                             f"{e}); point {flag} at a directory with a valid tokenizer.json / "
+                             f"tokenizer_config.json (the one the data was encoded with)") from e
         log.warning("no tokenizer loadable from %s (%s): checkpoints will hold no tokenizer and the "
                     "tokenizer/data check is skipped", path, e)
         return None

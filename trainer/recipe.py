@@ -190,9 +190,13 @@ class Trainer:
         """The tokenizer (from the checkpoint on resume: it holds the added tokens), grown by the
         manifests' added tokens and --add_tokens, checked against the data; the vocab plan."""
         a = self.args
-        source = self.ckpt if self.ckpt and _has_tokenizer_files(self.ckpt) else (
-            a.tokenizer_path or a.model_path)
-        tokenizer = mdl.load_training_tokenizer(source)
+        if self.ckpt and _has_tokenizer_files(self.ckpt):
+            source, flag = self.ckpt, "--load_ckpt_path"
+        elif a.tokenizer_path:
+            source, flag = a.tokenizer_path, "--tokenizer_path"
+        else:  # the model's own, if it has one (None and a warning if not)
+            source, flag = a.model_path, None
+        tokenizer = mdl.load_training_tokenizer(source, flag=flag)
         plan = vocab.plan_vocab(
             model_path=a.model_path, tokenizer_path=a.tokenizer_path, tokenizer=tokenizer,
             tokenizer_source=str(source), model_vocab_size=getattr(base_config, "vocab_size", None),

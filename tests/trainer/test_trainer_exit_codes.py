@@ -171,6 +171,36 @@ def test_train_resume_with_another_seed_or_data_is_2(train_main, assets, tmp_pat
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
 
 
+def test_train_explicit_tokenizer_that_does_not_load_is_2(train_main, assets, tmp_path,
+                                                           monkeypatch, capsys, caplog):
+    """An explicit --tokenizer_path whose tokenizer.json is broken: exit 2 naming the flag, the
+    path and the error (it used to warn and turn the tokenizer/data check off). The implicit
+    tokenizer beside the model keeps its documented fallback: None and a warning."""
+    import torch
+
+    import trainer.recipe
+    from trainer.dist import DistInfo
+    from trainer.errors import UsageError
+    from trainer.model import load_training_tokenizer
+    monkeypatch.setattr(trainer.recipe, "_setup_distributed",
+                        lambda: DistInfo(0, 0, 1, torch.device("cpu")))
+    broken = tmp_path / "broken_tok"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    assert train_main(train_argv(assets, tmp_path / "out", "--tokenizer_path", str(broken))) == 2
+    err = capsys.readouterr().err
+    [line] = [l for l in err.splitlines() if "error before step 1" in l]
+    assert f"--tokenizer_path {broken}: the tokenizer does not load (" in line and \
+        "point --tokenizer_path at a directory with a valid tokenizer.json" in line, line
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="--tokenizer_path"):
+        load_training_tokenizer(broken, flag="--tokenizer_path")
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert load_training_tokenizer(broken) is None
+    assert "tokenizer/data check is skipped" in caplog.text
+
+
 # ------------------------------------------------------------------------------ trainer.export
 def test_export_codes(trained, tmp_path, monkeypatch, capsys):
     import transformers
