@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardfmt.run_config import add_config_flag, parse_with_config
+from trainer.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -506,14 +507,42 @@ def _deepspeed_section_problems(args: TrainArgs, path: Path) -> list[str]:
         return []  # reported by _check_paths
     if not isinstance(raw, dict):
         return [f"--deepspeed_config_path {path}: expected a JSON object"]
-    problems = []
+    problems = _optimizer_value_problems(raw, path)
+    if problems:  # plan_optimizer would fail converting them (a ValueError that is not ours)
+        return problems
     total = ((raw.get("scheduler") or {}).get("params") or {}).get("total_num_steps")
     try:
         opt = plan_optimizer(raw, str(path), args, cpu_offload=False)
         plan_scheduler(raw, str(path), args, lr=opt.lr,
                        total_steps=total if isinstance(total, int) else args.max_steps or 1)
-    except ValueError as e:
+    except ConfigError as e:  # ours only: anything else is a bug and keeps its traceback
         problems.append(str(e))
+    return problems
+
+
+def _optimizer_value_problems(raw: dict, path: Path) -> list[str]:
+    """optimizer.params values the plan turns into numbers: "auto", a number, or (betas) two."""
+    section = raw.get("optimizer")
+    params = section.get("params") if isinstance(section, dict) else None
+    if section is None:
+        return []
+    if not isinstance(section, dict) or not isinstance(params, (dict, type(None))):
+        return [f"--deepspeed_config_path {path}: \"optimizer\" must be an object with \"type\" "
+                f"and \"params\" objects"]
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    problems = []
+    for key, value in (params or {}).items():
+        if value == "auto":
+            continue
+        if key in ("lr", "eps", "weight_decay") and not number(value):
+            problems.append(f"--deepspeed_config_path {path}: optimizer.params.{key} is {value!r}; "
+                            f"use a number or \"auto\" (filled from the flag)")
+        if key == "betas" and not (isinstance(value, list) and len(value) == 2
+                                   and all(map(number, value))):
+            problems.append(f"--deepspeed_config_path {path}: optimizer.params.betas is {value!r}; "
+                            f"use two numbers, e.g. [0.9, 0.999], or \"auto\"")
     return problems
 
 

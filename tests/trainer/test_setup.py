@@ -86,6 +86,31 @@ def test_deepspeed_config_conflicts_rejected():
     assert "optimizer" not in msg  # sections are honoured (tests/trainer/test_user_setup.py)
 
 
+def test_deepspeed_sections_report_our_errors_and_keep_a_bugs_traceback(tmp_path, monkeypatch):
+    """validate_args reports a ConfigError and a non-numeric optimizer value as problems (exit 2
+    before anything loads); a plain ValueError from inside the planner is a bug: it propagates."""
+    import trainer.ds_config
+    from trainer.args import _deepspeed_section_problems
+    args = parse_args(["--model_path", "m", "--data_path", "d", "--output_path", "o", "--max_steps", "1"])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": "abc", "betas": [0.9]}},
+                               "scheduler": {"type": "NoSuchLR"}}))
+    problems = _deepspeed_section_problems(args, cfg)
+    assert problems == [f"--deepspeed_config_path {cfg}: optimizer.params.lr is 'abc'; use a number "
+                        f"or \"auto\" (filled from the flag)",
+                        f"--deepspeed_config_path {cfg}: optimizer.params.betas is [0.9]; use two "
+                        f"numbers, e.g. [0.9, 0.999], or \"auto\""], problems
+    cfg.write_text(json.dumps({"optimizer": {"type": "Adam"}, "scheduler": {"type": "NoSuchLR"}}))
+    [problem] = _deepspeed_section_problems(args, cfg)
+    assert 'scheduler.type "NoSuchLR" is not supported' in problem
+
+    def bug(*_a, **_k):
+        raise ValueError("an internal bug (injected)")
+    monkeypatch.setattr(trainer.ds_config, "plan_scheduler", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        _deepspeed_section_problems(args, cfg)
+
+
 def test_lr_schedule_shapes():
     f = lambda k, s: lr_factor(s, kind=k, warmup_steps=10, total_steps=110)
     assert f("cosine", 0) == pytest.approx(0.1) and f("cosine", 9) == pytest.approx(1.0)
