@@ -159,6 +159,13 @@ def index_problem(arrays: dict, h: IndexHeader) -> str | None:
     tok, doc, spn = (arrays["sample_token_offsets"].astype(np.int64),
                      arrays["sample_doc_offsets"].astype(np.int64),
                      arrays["sample_span_offsets"].astype(np.int64))
+    # FORMAT.md: row 0 = (0, 0, 0), row S = (T, D, L); else spans (or segments) belong to no
+    # sample, and the per-sample checks below would compare arrays of different lengths
+    for name, offs, last in (("token", tok, h.num_tokens), ("document", doc, h.num_docs),
+                             ("loss span", spn, h.num_spans)):
+        if int(offs[0]) != 0 or int(offs[-1]) != last:
+            return (f"{name} offsets run {int(offs[0])}..{int(offs[-1])}, not 0..{last} (the "
+                    f"header's count)")
     outside = np.zeros(h.num_samples, dtype=bool)
     for offs, last in ((tok, h.num_tokens), (doc, h.num_docs), (spn, h.num_spans)):
         outside |= (offs[:-1] < 0) | (offs[:-1] > offs[1:]) | (offs[1:] > last)

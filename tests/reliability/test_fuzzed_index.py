@@ -17,7 +17,7 @@ from shardfmt import CorruptShardError, ShardWriter, open_dataset
 from shardfmt.spec import HEADER, MAGIC
 from shardfmt.verify import verify_dataset
 
-CLEAN = (CorruptShardError, ValueError, IndexError, FileNotFoundError)
+CLEAN = (CorruptShardError,)
 u64 = st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1),
                 st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**32]))
 
@@ -67,17 +67,24 @@ def test_fuzzed_header_and_counts(tmp_path_factory, version, code, s, d, l, t, t
                                   manifest_agrees):
     path = _dataset(tmp_path_factory.mktemp("fz"))
     idx = path / "c_00000.idx"
+    original = idx.read_bytes()
     data = HEADER.pack(MAGIC, version, code, s, d, l, t) + tail
     idx.write_bytes(data)
     counts = {"samples": s, "docs": d, "loss_spans": l, "tokens": t} if manifest_agrees else None
     _patch_manifest(path, len(data), counts)
+    _exercise(path)  # once untraced: a one-time cost (a lazy import, a cache) on the first pass
+    # through some path peaked at ~1.9 MB once in ~20k examples; a count-driven one recurs
     tracemalloc.start()
     try:
-        _exercise(path)
+        problems = _exercise(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20  # no allocation driven by a count in the header
+    if data == original:  # the draws rebuilt the very index that was there
+        assert problems == []
+    else:  # every fuzzed header is detected: refused by a check, at the latest by the checksum
+        assert any("c_00000.idx" in p for p in problems), problems
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
