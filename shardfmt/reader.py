@@ -163,9 +163,11 @@ def index_problem(arrays: dict, h: IndexHeader) -> str | None:
     # sample, and the per-sample checks below would compare arrays of different lengths
     for name, offs, last in (("token", tok, h.num_tokens), ("document", doc, h.num_docs),
                              ("loss span", spn, h.num_spans)):
-        if int(offs[0]) != 0 or int(offs[-1]) != last:
-            return (f"{name} offsets run {int(offs[0])}..{int(offs[-1])}, not 0..{last} (the "
-                    f"header's count)")
+        if int(offs[0]) != 0:
+            return f"sample 0 starts at {name} offset {int(offs[0])}, not 0"
+        if int(offs[-1]) != last:
+            return (f"the last sample ends at {name} offset {int(offs[-1])}, not at the "
+                    f"header's {name} count {last}")
     outside = np.zeros(h.num_samples, dtype=bool)
     for offs, last in ((tok, h.num_tokens), (doc, h.num_docs), (spn, h.num_spans)):
         outside |= (offs[:-1] < 0) | (offs[:-1] > offs[1:]) | (offs[1:] > last)
